@@ -1,0 +1,57 @@
+"""`nemo-adapt` command line: one subcommand per module, each registering its own parser.
+
+A subcommand module exposes `register(subparsers)`, which adds its parser and sets `func`
+(called with the parsed namespace, returning an exit code). Modules are imported lazily so
+`nemo-adapt --help` and cheap commands do not pay for importing torch and Megatron-Core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nemo_adapt.errors import NemoAdaptError
+
+# Subcommand name -> module providing `register(subparsers)`.
+_SUBCOMMANDS = {
+    "models": "nemo_adapt.models.cli",
+    "generate": "nemo_adapt.generation.cli",
+    "import": "nemo_adapt.models.convert_cli",
+    "export": "nemo_adapt.models.convert_cli",
+    "plan": "nemo_adapt.planner.cli",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nemo-adapt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    seen = set()
+    for name, module in _SUBCOMMANDS.items():
+        if only is not None and name != only:
+            continue
+        if module in seen:
+            continue
+        seen.add(module)
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import only the module of the requested subcommand when it is known.
+    only = argv[0] if argv and argv[0] in _SUBCOMMANDS else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except NemoAdaptError as err:
+        print(f"nemo-adapt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

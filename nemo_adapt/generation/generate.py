@@ -1,0 +1,202 @@
+"""Batched autoregressive generation from a Megatron-Core model at any TP/PP layout.
+
+Keys and values are cached in Megatron-Core's `StaticInferenceContext`, so each decode step runs
+only the new token through the model. Prompts of different lengths share one batch without padding
+masks: the batch is prefilled up to the shortest prompt, then advanced one position at a time; a
+sequence whose prompt is still running is fed its own next prompt token instead of the sampled one
+(the scheme Megatron's static text generation uses). Every position attends only to real tokens,
+so results equal running each prompt alone.
+
+Under pipeline parallelism, hidden states flow stage to stage with point-to-point sends; the last
+stage gathers the vocabulary-parallel logits over its TP group, picks the next tokens and broadcasts
+them back along the pipeline, so every rank ends with the same outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nemo_adapt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token."""
+
+    max_new_tokens: int = 64
+    """Stop a sequence after this many generated tokens."""
+    temperature: float = 0.0
+    """0 means greedy (argmax); otherwise logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: no limit)."""
+    seed: int = 0
+    """Seed of the sampling generator (same on every rank, so TP ranks agree)."""
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k!r} must be >= 0 (0 = no limit)")
+
+
+def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+    """Next token ids [b] from float logits [b, vocab]."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop tokens once the mass *before* them already reaches top_p (the first is always kept).
+        drop = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _stage_forward(model, tokens, positions, ctx, hidden_shape, dtype):
+    """Run this pipeline stage on a chunk; returns logits on the last stage, else None."""
+    from megatron.core import parallel_state as ps
+
+    first = ps.is_pipeline_first_stage()
+    last = ps.is_pipeline_last_stage()
+    if not first:
+        hidden = torch.empty(hidden_shape, dtype=dtype, device=tokens.device)
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+    # Megatron gathers the vocabulary-parallel logits over TP itself in inference mode.
+    out = model(tokens if first else None, positions, None, inference_context=ctx, runtime_gather_output=True)
+    if not last:
+        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    return out
+
+
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_ids: set[int],
+             vocab_size: int, hidden_size: int, max_sequence_length: int | None = None) -> list[list[int]]:
+    """Generate continuations for a batch of token-id prompts.
+
+    All ranks of a model-parallel group call this with the same prompts and get the same result.
+
+    Args:
+        model: this rank's `GPTModel` stage.
+        prompts: token ids per prompt (non-empty).
+        params: sampling settings.
+        eos_token_ids: ids that end a sequence (not included in the output).
+        vocab_size: real vocabulary size (logits beyond it are TP padding).
+        hidden_size: model width (shape of the hidden states sent between stages).
+        max_sequence_length: the model's context limit, checked before any work.
+
+    Returns:
+        The generated token ids per prompt, without the prompt and without the EOS token.
+
+    Raises:
+        ConfigError: an empty prompt, or prompt + max_new_tokens longer than the model's context.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt must contain at least one token")
+    lengths = [len(p) for p in prompts]
+    total = max(lengths) + params.max_new_tokens
+    if max_sequence_length is not None and total > max_sequence_length:
+        raise ConfigError(
+            f"longest prompt ({max(lengths)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+            f"exceeds the model's context of {max_sequence_length} tokens"
+        )
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch = len(prompts)
+    pad = next(iter(eos_token_ids)) if eos_token_ids else 0
+    tokens = torch.full((batch, total), pad, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    lengths_t = torch.tensor(lengths, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    end = lengths_t + params.max_new_tokens  # exclusive end position per sequence
+    gen = torch.Generator(device="cpu").manual_seed(params.seed)
+    eos = torch.tensor(sorted(eos_token_ids) or [-1], device=device)
+
+    was_training = model.training
+    model.eval()
+    ctx = StaticInferenceContext(batch, total)
+    prev, cur = 0, min(lengths)
+    try:
+        while cur < total and not bool(done.all()):
+            chunk = tokens[:, prev:cur]
+            positions = torch.arange(prev, cur, device=device).unsqueeze(0).expand(batch, -1)
+            if prev > 0:
+                ctx.enable_decode_mode()
+            out = _stage_forward(model, chunk, positions, ctx, (cur - prev, batch, hidden_size), dtype)
+            ctx.increment_sequence_len_offset(cur - prev)
+            nxt = torch.empty(batch, dtype=torch.long, device=device)
+            if ps.is_pipeline_last_stage():
+                # Columns past vocab_size only pad the vocabulary for TP.
+                logits = out[:, -1, :vocab_size].float()
+                nxt = _pick(logits, params, gen).to(device)
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+            in_prompt = cur < lengths_t
+            write = ~in_prompt & ~done
+            tokens[:, cur] = torch.where(write, nxt, tokens[:, cur])
+            hit_eos = write & torch.isin(nxt, eos)
+            done |= hit_eos | (~in_prompt & (cur + 1 >= end))
+            # A sequence that hit EOS keeps its EOS at `cur`; later positions are never read back.
+            prev, cur = cur, cur + 1
+    finally:
+        if was_training:
+            model.train()
+
+    results = []
+    for i, n in enumerate(lengths):
+        out_ids = tokens[i, n: min(int(end[i]), cur)].tolist()
+        cut = next((j for j, t in enumerate(out_ids) if t in eos_token_ids), len(out_ids))
+        results.append(out_ids[:cut])
+    return results
+
+
+@torch.no_grad()
+def forward_logits(model, tokens: torch.Tensor, vocab_size: int, hidden_size: int) -> torch.Tensor | None:
+    """Full-vocabulary logits [b, s, vocab] of one forward pass across the pipeline (no cache).
+
+    Returns the logits on the last pipeline stage and None on the others.
+    """
+    from megatron.core import parallel_state as ps
+
+    b, s = tokens.shape
+    positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
+    dtype = next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    try:
+        first = ps.is_pipeline_first_stage()
+        if not first:
+            hidden = torch.empty((s, b, hidden_size), dtype=dtype, device=tokens.device)
+            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(tokens if first else None, positions, None, runtime_gather_output=True)
+        if not ps.is_pipeline_last_stage():
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+        return out[..., :vocab_size].float()
+    finally:
+        if was_training:
+            model.train()

@@ -1,0 +1,170 @@
+"""GGUF files (llama.cpp's format): architecture metadata, dequantised weights under Hugging Face
+names, and the tokenizer + chat template stored in the same file.
+
+The `gguf` package (maintained with llama.cpp) parses the file and dequantises every ggml type;
+we only rename tensors and undo llama.cpp's rotary permutation of the query/key rows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nemo_adapt.errors import CheckpointError
+from nemo_adapt.models.spec import ModelSpec
+from nemo_adapt.models.weights import TensorSource, hf_shapes
+
+_LAYER_MAP = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_MAP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Hugging Face name of a GGUF tensor (None for tensors we do not use, e.g. rope_freqs)."""
+    if gguf_name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[gguf_name]
+    if gguf_name.startswith("blk."):
+        _, idx, rest = gguf_name.split(".", 2)
+        if rest in _LAYER_MAP:
+            return f"model.layers.{idx}.{_LAYER_MAP[rest]}"
+    return None
+
+
+def _reader(path: str | os.PathLike):
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # gguf raises ValueError/struct.error/OSError for bad files
+        raise CheckpointError(f"cannot read GGUF file {str(path)!r}: {err}") from err
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def spec_from_gguf(reader, name: str, source: str) -> ModelSpec:
+    """The architecture a GGUF file describes (llama and qwen2 architectures)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise CheckpointError(f"{source}: general.architecture={arch!r} is not supported (llama, qwen2)")
+
+    def get(key, default=None):
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise CheckpointError(f"{source}: metadata key {arch}.{key} is missing")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens.data) if tokens is not None else None
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    return ModelSpec(
+        name=name, family="qwen2" if arch == "qwen2" else "llama",
+        num_layers=int(get("block_count")), hidden_size=hidden,
+        ffn_hidden_size=int(get("feed_forward_length")), num_attention_heads=heads,
+        num_query_groups=int(get("attention.head_count_kv", heads)), vocab_size=int(vocab),
+        max_position_embeddings=int(get("context_length")),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    # llama.cpp's converter reorders each head's rows from HF's "rotate half" layout
+    # [x0..x(d/2-1), y0..] to interleaved pairs [x0, y0, x1, y1, ...] for its RoPE kernel:
+    # w.reshape(heads, 2, d/2, ...).swapaxes(1, 2). This is the inverse.
+    d = w.shape[0] // heads
+    return w.reshape(heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class GGUFSource:
+    """Dequantised GGUF tensors under Hugging Face names, checked against a spec."""
+
+    def __init__(self, path: str | os.PathLike, spec: ModelSpec | None = None):
+        self.path = str(path)
+        self.reader = _reader(path)
+        found = spec_from_gguf(self.reader, spec.name if spec else Path(path).stem, f"GGUF file {self.path!r}")
+        if spec is not None:
+            from nemo_adapt.models.hf import check_spec_matches
+
+            check_spec_matches(spec, found, f"GGUF file {self.path!r}")
+        self.spec = spec or found
+        self.arch = _field(self.reader, "general.architecture")
+        self._tensors = {}
+        for t in self.reader.tensors:
+            name = hf_name(t.name)
+            if name is not None:
+                self._tensors[name] = t
+        expected = hf_shapes(self.spec)
+        missing = [n for n in expected if n not in self._tensors]
+        if missing:
+            raise CheckpointError(f"GGUF file {self.path!r} lacks tensor(s) {', '.join(missing[:3])}")
+        for name, t in self._tensors.items():
+            # GGUF lists dimensions fastest-first; torch order is the reverse.
+            got = tuple(int(x) for x in reversed(t.shape))
+            if name in expected and got != expected[name]:
+                raise CheckpointError(
+                    f"tensor {t.name!r} ({name}) in GGUF file {self.path!r} has shape {got}, "
+                    f"model {self.spec.name!r} expects {expected[name]}"
+                )
+
+    def __call__(self, name: str) -> torch.Tensor:
+        import gguf
+
+        t = self._tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"GGUF file {self.path!r} lacks tensor {name!r}")
+        shape = tuple(int(x) for x in reversed(t.shape))
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)
+        if self.arch == "llama" and name.endswith("self_attn.q_proj.weight"):
+            w = _unpermute(w, self.spec.num_attention_heads)
+        elif self.arch == "llama" and name.endswith("self_attn.k_proj.weight"):
+            w = _unpermute(w, self.spec.num_query_groups)
+        return w
+
+
+def open_gguf(path: str | os.PathLike, spec: ModelSpec | None = None) -> tuple[ModelSpec, TensorSource]:
+    """Open a GGUF file; returns (spec, source) like `hf.open_checkpoint`.
+
+    Raises:
+        CheckpointError: missing or unreadable file, unsupported architecture, mismatch with `spec`.
+    """
+    src = GGUFSource(path, spec)
+    return src.spec, src
+
+
+def chat_template(path: str | os.PathLike) -> str | None:
+    """The Jinja chat template stored in a GGUF file, if any."""
+    return _field(_reader(path), "tokenizer.chat_template")

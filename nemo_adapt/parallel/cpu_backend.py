@@ -1,0 +1,302 @@
+"""Run Megatron-Core on CPU over gloo: the development and CI backend.
+
+Megatron-Core is written for CUDA. On a machine without it, a handful of places fail:
+
+* device placement: `torch.cuda.current_device()`, `device="cuda"` tensors in the pipeline
+  schedules, p2p communication, the DDP grad buffer, rotary embeddings and the optimizer;
+* CUDA streams and synchronisation in the DDP grad buffer and p2p communication;
+* the CUDA RNG tracker (`get_cuda_rng_tracker().fork()` around dropout, and
+  `model_parallel_cuda_manual_seed`), which reads and writes CUDA generator states;
+* type checks that expect `'torch.cuda.FloatTensor'` (grad clipping, optimizer param groups)
+  and `tensor.cuda()` calls (tied-embedding sync across pipeline stages, optimizer reload).
+
+`install()` fixes exactly these, and only when CUDA is unavailable; on a GPU it returns at once and
+the GPU path runs unmodified. It does not touch `torch` globally: inside Megatron-Core's own modules,
+the name `torch` is rebound to a view that forwards everything to torch except CUDA placement
+requests, which it sends to the CPU. The two type-check/`.cuda()` sites are wrapped so that, only
+for the duration of those calls, CPU tensors answer as their CUDA counterparts would.
+
+Nothing here changes numerics: every operation still runs in torch on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import sys
+import types
+
+import torch
+
+_INSTALLED = False
+
+# Modules whose functions we need on CPU. Importing them before rebinding `torch` means their
+# module globals exist; modules Megatron imports later are covered by a second pass in install().
+_MEGATRON_MODULES = (
+    "megatron.core.parallel_state",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.dist_checkpointing",
+    "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.utils",
+)
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # An int is a CUDA ordinal in Megatron's usage (`device=torch.cuda.current_device()` on GPU).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _NullStream:
+    """Stands in for a CUDA stream/event: CPU work is synchronous, so there is nothing to order."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+class _CpuCuda(types.ModuleType):
+    """`torch.cuda` as Megatron-Core sees it on CPU: the CPU is the current device."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        self.current_device = lambda: torch.device("cpu")
+        self.is_available = lambda: False
+        self.synchronize = _noop
+        self.empty_cache = _noop
+        self.Stream = _NullStream
+        self.Event = _NullStream
+        self.stream = lambda *a, **k: contextlib.nullcontext()
+        self.default_stream = lambda *a, **k: _NullStream()
+        self.current_stream = lambda *a, **k: _NullStream()
+        self.nvtx = types.SimpleNamespace(range_push=_noop, range_pop=_noop, range=lambda *a, **k: contextlib.nullcontext())
+        self.manual_seed = torch.manual_seed
+        self.get_rng_state = lambda *a, **k: torch.get_rng_state()
+        self.memory_allocated = lambda *a, **k: 0
+        self.max_memory_allocated = lambda *a, **k: 0
+        self.reset_peak_memory_stats = _noop
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _TorchOnCpu(types.ModuleType):
+    """`torch` as Megatron-Core's modules see it on CPU: tensor factories asked for a CUDA device
+    build CPU tensors, and `torch.cuda` is `_CpuCuda`. Everything else is torch itself."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint",
+                  "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor")
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+        for name in self._FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _cpu_tensors_answer_as_cuda():
+    """While active, `t.type()` of a CPU tensor names its CUDA type and `t.cuda()` returns `t`.
+
+    Megatron asserts `param.grad.type() == 'torch.cuda.FloatTensor'` and calls `.cuda()` in a few
+    functions; this is applied around exactly those calls (see install()).
+    """
+    orig_type, orig_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def type_(self, dtype=None, *args, **kwargs):
+        if dtype is None and not args and not kwargs and self.device.type == "cpu":
+            return orig_type(self).replace("torch.", "torch.cuda.", 1)
+        return orig_type(self, dtype, *args, **kwargs)
+
+    def cuda_(self, *args, **kwargs):
+        return self
+
+    torch.Tensor.type, torch.Tensor.cuda = type_, cuda_
+    try:
+        yield
+    finally:
+        torch.Tensor.type, torch.Tensor.cuda = orig_type, orig_cuda
+
+
+def _scoped(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cpu_tensors_answer_as_cuda():
+            return fn(*args, **kwargs)
+
+    wrapper._nemo_adapt_cpu = True
+    return wrapper
+
+
+def _wrap_attr(owner, name: str) -> None:
+    fn = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+    if fn is None or getattr(fn, "_nemo_adapt_cpu", False):
+        return
+    if isinstance(fn, staticmethod):
+        setattr(owner, name, staticmethod(_scoped(fn.__func__)))
+    elif isinstance(fn, classmethod):
+        setattr(owner, name, classmethod(_scoped(fn.__func__)))
+    else:
+        setattr(owner, name, _scoped(fn))
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Megatron's named RNG streams, kept as CPU generator states.
+
+        Same contract as CudaRNGStatesTracker: `add(name, seed)` registers a stream, `fork(name)`
+        runs a block on that stream and restores the default stream afterwards.
+        """
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CpuRNGStatesTracker
+
+
+def seed_model_parallel_rng(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
+    """CPU counterpart of Megatron's `model_parallel_cuda_manual_seed`, with the same seed offsets.
+
+    The default stream (data-parallel regions) gets `seed` on every rank; the tensor-parallel
+    stream gets `seed + 2718 + tp_rank` so dropout differs across TP shards, as on GPU.
+    """
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom._CUDA_RNG_STATE_TRACKER
+    tracker.reset()
+    torch.manual_seed(seed)
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
+
+
+def _rebind_torch_in_megatron(view: types.ModuleType) -> int:
+    count = 0
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = view
+            count += 1
+    return count
+
+
+def install() -> bool:
+    """Make Megatron-Core usable on CPU. Idempotent; returns True when the CPU backend is active.
+
+    Call it before building models when `torch.cuda.is_available()` is False (the runtime in
+    `nemo_adapt.parallel.runtime` does). On a CUDA machine it does nothing and returns False.
+    """
+    global _INSTALLED
+    if torch.cuda.is_available():
+        return False
+    if _INSTALLED:
+        # Modules imported since the first call get the CPU view too.
+        _rebind_torch_in_megatron(_VIEW)
+        return True
+    for name in _MEGATRON_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    _rebind_torch_in_megatron(_VIEW)
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    # Sites that check CUDA tensor type names or call .cuda() (see module docstring).
+    from megatron.core.models.common.language_module import language_module
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    _wrap_attr(language_module.LanguageModule, "setup_embeddings_and_output_layer")
+    _wrap_attr(clip_grads, "clip_grad_by_total_norm_fp32")
+    _wrap_attr(optimizer, "clip_grad_by_total_norm_fp32")
+    _wrap_attr(optimizer.Float16OptimizerWithFloat16Params, "__init__")
+    _wrap_attr(optimizer.MegatronOptimizer, "_get_model_and_main_params_data_float16")
+    _wrap_attr(distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups")
+    _wrap_attr(distrib_optimizer.DistributedOptimizer, "__init__")
+    _INSTALLED = True
+    return True
+
+
+_VIEW = _TorchOnCpu()
