@@ -7,6 +7,7 @@ Only safetensors are read: `pytorch_model.bin` files are pickles and are refused
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -227,49 +228,58 @@ def open_checkpoint(directory: str | os.PathLike, spec: ModelSpec | None = None)
     return spec, SafetensorsSource(directory, spec)
 
 
-def write_checkpoint(directory: str | os.PathLike, spec: ModelSpec, tensors: dict[str, torch.Tensor],
-                     shards: list[dict[str, torch.Tensor]] | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write config.json and safetensors (one file, or one shard per entry of `shards` + index).
+def shard_name(index: int, count: int) -> str:
+    """File name of shard `index` (0-based) of `count`; a single shard is `model.safetensors`."""
+    return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
-    Files are written into a temporary sibling directory and renamed into place, so an interrupted
-    export never leaves a half-written checkpoint under the final name.
-    """
-    import shutil
-    import tempfile
 
+def write_shard(directory: str | os.PathLike, index: int, count: int, tensors: dict[str, torch.Tensor],
+                dtype: torch.dtype = torch.float32) -> Path:
+    """Write one safetensors shard of a Hugging Face checkpoint."""
     from safetensors.torch import save_file
 
+    path = Path(directory) / shard_name(index, count)
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt"})
+    return path
+
+
+def write_metadata(directory: str | os.PathLike, spec: ModelSpec, shard_count: int,
+                   dtype: torch.dtype = torch.float32) -> None:
+    """Write config.json, generation_config.json and (for several shards) the safetensors index.
+
+    The shards must already be in `directory`; the index is built from their headers.
+    """
+    from safetensors import safe_open
+
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     cfg = hf_config_from_spec(spec)
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
-    def prep(d):
-        return {k: v.detach().to(dtype).contiguous() for k, v in d.items()}
-
-    if not shards or len(shards) == 1:
-        save_file(prep(tensors if not shards else shards[0]), str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-    else:
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if shard_count > 1:
         weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(prep(shard), str(tmp / fname), metadata={"format": "pt"})
-            for k, v in shard.items():
-                weight_map[k] = fname
-                total += v.numel() * torch.tensor([], dtype=dtype).element_size()
+        for i in range(shard_count):
+            fname = shard_name(i, shard_count)
+            with safe_open(str(directory / fname), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118
+                    weight_map[key] = fname
+                    shape = f.get_slice(key).get_shape()
+                    total += math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory into place; an existing one is replaced only afterwards."""
+    import shutil
+
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
-        directory.rename(old)
-        tmp.rename(directory)
+        final.rename(old)
+        tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        tmp.rename(directory)
-    return directory
+        tmp.rename(final)

@@ -139,13 +139,14 @@ def _hf_full_for(spec: ModelSpec, local_name: str, layer_numbers: dict[int, int]
 
 
 def base_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's own (non-adapter) parameters and persistent buffers with plain Megatron names.
+    """The model's own (non-adapter) parameters, under the names of the unadapted model.
 
-    PEFT transforms wrap modules; their wrappers keep the base under `.base` or
-    `.to_wrap`-style attributes, which we strip so names match the unadapted model.
+    PEFT transforms mark the parameters they add with `is_adapter = True` and keep a wrapped
+    module under `base_layer`; both are undone here so weight maps see the plain base model.
     """
     for name, p in model.named_parameters():
-        yield name, p
+        if not getattr(p, "is_adapter", False):
+            yield name.replace(".base_layer.", "."), p
 
 
 def load_hf_into_megatron(model, spec: ModelSpec, src: TensorSource, tp: int = 1, tp_rank: int = 0) -> int:
