@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from nemo_adapt.errors import NemoAdaptError
 
@@ -17,7 +18,6 @@ from nemo_adapt.errors import NemoAdaptError
 _SUBCOMMANDS = {
     "models": "nemo_adapt.models.cli",
     "generate": "nemo_adapt.generation.cli",
-    "import": "nemo_adapt.models.convert_cli",
     "export": "nemo_adapt.models.convert_cli",
     "plan": "nemo_adapt.planner.cli",
 }
@@ -38,6 +38,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Megatron-Core warns at import when the optional NVIDIA kernels are absent (always on CPU).
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
     argv = list(sys.argv[1:] if argv is None else argv)
     # Import only the module of the requested subcommand when it is known.
     only = argv[0] if argv and argv[0] in _SUBCOMMANDS else None

@@ -1,0 +1,74 @@
+"""`nemo-adapt generate`: chat with a checkpoint (embedded default, GGUF file or HF directory)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nemo_adapt.models.embedded import EMBEDDED_NAME
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a model with its chat template",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", nargs="*", help="user message(s); one chat per message (batched)")
+    p.add_argument("--checkpoint", default=EMBEDDED_NAME, help="HF directory, .gguf file or embedded name")
+    p.add_argument("--model", default=None, help="registered architecture to check the checkpoint against")
+    p.add_argument("--system", default=None, help="system message (default: the template's own)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="must match the launched world (torchrun)")
+    p.add_argument("--pipeline-parallel", type=int, default=1)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch.distributed as dist
+
+    from nemo_adapt.errors import ConfigError
+    from nemo_adapt.generation.generate import SamplingParams, generate
+    from nemo_adapt.models.loader import load_model, open_source
+    from nemo_adapt.parallel import runtime
+    from nemo_adapt.tokenizer import load_tokenizer
+
+    prompts = args.prompt or ([sys.stdin.read().strip()] if not sys.stdin.isatty() else [])
+    if not prompts or not all(p.strip() for p in prompts):
+        raise ConfigError("give at least one non-empty prompt (argument or standard input)")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    # Open and validate the checkpoint before starting process groups or building anything.
+    source = open_source(args.checkpoint, args.model)
+    from nemo_adapt.models.builder import check_layout
+
+    check_layout(source.spec, args.tensor_parallel, args.pipeline_parallel)
+    tok = load_tokenizer(source.tokenizer_path)
+    ids = []
+    for text in prompts:
+        if args.raw or not tok.chat_template:
+            ids.append(tok(text)["input_ids"])
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages.append({"role": "user", "content": text})
+            enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids.append(list(enc["input_ids"]))
+
+    runtime.initialize(runtime.ParallelLayout(tensor=args.tensor_parallel, pipeline=args.pipeline_parallel),
+                       seed=args.seed)
+    try:
+        model, source = load_model(args.checkpoint, source.spec)
+        spec = source.spec
+        eos = {i for i in (spec.eos_token_id, tok.eos_token_id) if i is not None}
+        outputs = generate(model, ids, params, eos, spec.vocab_size, spec.hidden_size,
+                           spec.max_position_embeddings)
+        if dist.get_rank() == 0:
+            for i, out in enumerate(outputs):
+                if len(outputs) > 1:
+                    print(f"[{i}] ", end="")
+                print(tok.decode(out, skip_special_tokens=True).strip())
+    finally:
+        runtime.shutdown()
+    return 0
