@@ -100,12 +100,13 @@ def format_breakdown(cand: Candidate) -> list[str]:
     heads = ("frozen", "weights", "grads", "optim", "activ", "logits", "overhead", "total")
     lines = ["    per GPU, GiB   " + "".join(f"{h:>9}" for h in heads) + "   in-flight layer-microbatches"]
     for st in mem.stages:
-        name = "first" if st.stage == 0 else "last"
         if mem.layout.pp == 1:
             name = "only"
+        else:
+            name = "first" if st.stage == 0 else "last" if st.stage == mem.layout.pp - 1 else "middle"
         terms = st.terms_gib()
-        lines.append(f"    stage {st.stage:<3}{name:>5} " + "".join(f"{terms[c]:9.2f}" for c in cols)
-                     + f"   {st.inflight_layers:g}")
+        lines.append(f"    stage {st.stage:<3}{name:>6}" + "".join(f"{terms[c]:9.2f}" for c in cols)
+                     + f"   {st.inflight_layers:.4g}")
     pe = cand.perf
     lines.append(f"    step {pe.step_time_s:.2f} s = compute {pe.compute_s:.2f} + bubble {pe.bubble_s:.2f} "
                  f"({pe.bubble_fraction:.1%}) + TP {pe.tp_comm_s:.2f} + CP {pe.cp_comm_s:.2f} + PP {pe.pp_comm_s:.2f} "

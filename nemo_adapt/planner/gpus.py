@@ -142,10 +142,11 @@ def get_gpu(name: str) -> GPUSpec:
     key = _ALIASES.get(key, key)
     if key in _CATALOG:
         return _CATALOG[key]
-    known = sorted(_CATALOG) + sorted(_ALIASES)
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-    close = list(dict.fromkeys(_ALIASES.get(c, c) for c in close))
-    if not close and key.startswith("a100"):
-        close = ["a100-40gb", "a100-80gb"]  # a bare "a100" is ambiguous: two memory sizes
+    # A prefix such as "a100" is ambiguous between memory sizes: suggest every entry it starts.
+    close = [n for n in sorted(_CATALOG) if n.startswith(key)]
+    if not close:
+        known = sorted(_CATALOG) + sorted(_ALIASES)
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+        close = list(dict.fromkeys(_ALIASES.get(c, c) for c in close))
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
     raise ConfigError(f"unknown GPU type {name!r} (--gpu / cluster.gpu).{hint} Known: {', '.join(sorted(_CATALOG))}")

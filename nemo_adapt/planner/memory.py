@@ -432,7 +432,7 @@ def peft_rank_params(spec: ModelSpec, tp: int, peft: PeftParams) -> tuple[float,
     follow their heads/FFN columns. Prompt/p-tuning tables and encoders sit whole on the first stage;
     the prefix-tuning reparameterisation MLP is replicated on every stage.
     """
-    key = (spec.name, tp)
+    key = (spec, tp)
     if key not in peft._rank_cache:
         peft._rank_cache[key] = _peft_rank_params(spec, tp, peft)
     return peft._rank_cache[key]

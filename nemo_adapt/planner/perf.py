@@ -221,7 +221,8 @@ def estimate_step_time(spec: ModelSpec, layout: Layout, gpu: GPUSpec, gpus_per_n
     fpt = flops_per_token(spec, s_eff, method, recompute=layout.recompute, flash_attention=flash_attention,
                           peft=peft, tp=t, causal=a.causal)
 
-    # Slowest stage: layers are split evenly, the last stage also runs the output layer.
+    # Slowest stage: the last one also runs the output layer; under the embedding/loss-aware split the
+    # middle stages hold one layer more than the first and last.
     L, h = spec.num_layers, spec.hidden_size
     out_exec = 2 * padded_vocab_size(spec.vocab_size, t) * h * (3.0 if method == "none" else 2.0)
     layer_exec = (fpt.executed - out_exec) / L
@@ -259,13 +260,15 @@ def estimate_step_time(spec: ModelSpec, layout: Layout, gpu: GPUSpec, gpus_per_n
     compute = m * compute_mb
     step_pipeline = m * (compute_mb + tp_mb + cp_mb + pp_mb) * (1 + bubble)
 
-    # Data parallel: reduce gradients of what this rank trains over DP*CP ranks (first stage is the
-    # largest: it holds the embedding when the base trains).
+    # Data parallel: reduce the gradients of what the largest stage trains over its DP*CP ranks.
     rp = rank_params(spec, t)
     n = dp * cp
     first_layers = layout.stage_layers(L, 0)
     if peft is None:
-        trainable = max(first_layers * rp.layer + rp.embedding, layers_stage * rp.layer)
+        last = layout.stage_layers(L, p - 1) * rp.layer + rp.final_norm
+        if p > 1 or not spec.tie_word_embeddings:
+            last += rp.output_layer
+        trainable = max(first_layers * rp.layer + rp.embedding, layers_stage * rp.layer, last)
     else:
         per_layer, first, every = peft_rank_params(spec, t, peft)
         trainable = max(first_layers * per_layer + first, layers_stage * per_layer) + every
