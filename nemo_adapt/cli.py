@@ -20,6 +20,7 @@ _SUBCOMMANDS = {
     "generate": "nemo_adapt.generation.cli",
     "export": "nemo_adapt.models.convert_cli",
     "plan": "nemo_adapt.planner.cli",
+    "config": "nemo_adapt.config.cli",
 }
 
 

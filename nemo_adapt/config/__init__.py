@@ -1,0 +1,63 @@
+"""Recipe configuration: the typed schema, YAML loading with `key=value` overrides, the resolved copy.
+
+    from nemo_adapt.config import load_recipe, save_resolved, resolve_run_dir
+    cfg = load_recipe("recipes/smollm2_135m_lora.yaml", ["train.micro_batch_size=2"])
+    save_resolved(cfg, resolve_run_dir(cfg) / "config.yaml")
+
+Names are imported on first use: the schema pulls in the PEFT registry and with it torch, which
+`nemo-adapt --help` (importing `nemo_adapt.config.cli`) should not pay for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nemo_adapt.config.loader import (
+        config_to_dict,
+        dump_resolved,
+        load_recipe,
+        load_resolved,
+        resolve_run_dir,
+        save_resolved,
+    )
+    from nemo_adapt.config.schema import (
+        CheckpointConfig,
+        ClusterConfig,
+        DataConfig,
+        EvalConfig,
+        LoggingConfig,
+        ModelConfig,
+        OptimConfig,
+        ParallelConfig,
+        RecipeConfig,
+        RunConfig,
+        TrainConfig,
+    )
+    from nemo_adapt.errors import ConfigError
+    from nemo_adapt.peft.base import PeftConfig
+
+_WHERE = {
+    **dict.fromkeys(("config_to_dict", "dump_resolved", "load_recipe", "load_resolved", "resolve_run_dir",
+                     "save_resolved"), "nemo_adapt.config.loader"),
+    **dict.fromkeys(("CheckpointConfig", "ClusterConfig", "DataConfig", "EvalConfig", "LoggingConfig",
+                     "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeConfig", "RunConfig",
+                     "TrainConfig"), "nemo_adapt.config.schema"),
+    "ConfigError": "nemo_adapt.errors",
+    "PeftConfig": "nemo_adapt.peft.base",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -1,0 +1,1 @@
+"""Generated domain datasets (deterministic, seeded) used by recipes and tests."""

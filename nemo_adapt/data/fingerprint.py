@@ -1,0 +1,151 @@
+"""Content fingerprints of tokenized data and the on-disk cache keyed by them.
+
+A split's fingerprint is the sha256 of: the data file's bytes, the tokenizer (vocabulary, merges,
+chat template, special tokens), the data settings that change the tokenized rows, and this
+pipeline's layout version. Paths and modification times are not part of it: the same bytes under
+another name reuse the cache, and a touched-but-unchanged file does too. Settings that only change
+the order of rows (shuffle) are not part of it either.
+
+Cache entries are one safetensors file per fingerprint (numpy arrays plus JSON metadata, no pickle:
+a cache directory may be shared, and unpickling a planted file runs code). They are written to a
+temporary file in the same directory and renamed into place, so a reader never sees half a file
+and two ranks writing the same entry at once both leave a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PIPELINE_VERSION = 1
+"""Bump when the row layout or tokenization logic changes, so old cache entries stop matching."""
+TOKENIZATION_SETTINGS = ("format", "seq_length", "packing", "over_length", "on_bad_record", "system_prompt")
+"""DataConfig fields that change the tokenized rows, hence the fingerprint."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes.
+
+    Args:
+        path: the file.
+        chunk: bytes read at a time.
+
+    Returns:
+        The hex digest.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    """Hex sha256 of a string's UTF-8 bytes.
+
+    Args:
+        text: the string.
+
+    Returns:
+        The hex digest.
+    """
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_fingerprint(data_sha256: str, tokenizer_sha256: str, settings: dict) -> str:
+    """The fingerprint of one tokenized split.
+
+    Args:
+        data_sha256: hash of the data file's bytes.
+        tokenizer_sha256: hash of `tokenize.tokenizer_identity(tokenizer)`.
+        settings: the values of `TOKENIZATION_SETTINGS`.
+
+    Returns:
+        Hex sha256 over all of them and `PIPELINE_VERSION`.
+    """
+    payload = {"version": PIPELINE_VERSION, "data": data_sha256, "tokenizer": tokenizer_sha256,
+               "settings": {k: settings[k] for k in TOKENIZATION_SETTINGS}}
+    return sha256_text(json.dumps(payload, sort_keys=True))
+
+
+def combined_fingerprint(per_split: dict[str, str]) -> str:
+    """One hash over the fingerprints of all splits.
+
+    Args:
+        per_split: split name -> fingerprint.
+
+    Returns:
+        Hex sha256 of the sorted (split, fingerprint) pairs.
+    """
+    return sha256_text(json.dumps(sorted(per_split.items())))
+
+
+def cache_file(cache_dir: str | os.PathLike, fingerprint: str) -> Path:
+    """Where the cache entry for a fingerprint lives.
+
+    Args:
+        cache_dir: the cache directory.
+        fingerprint: a split fingerprint.
+
+    Returns:
+        `<cache_dir>/<fingerprint>.safetensors`.
+    """
+    return Path(cache_dir) / f"{fingerprint}.safetensors"
+
+
+def save_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write arrays and JSON metadata to `path` atomically (temp file + rename).
+
+    Args:
+        path: the cache entry to write.
+        arrays: name -> numeric numpy array.
+        meta: JSON-serialisable metadata (fingerprint, stats).
+    """
+    from safetensors.numpy import save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                metadata={"meta": json.dumps(meta, sort_keys=True)})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(path: Path, fingerprint: str) -> tuple[dict[str, np.ndarray], dict] | None:
+    """Read a cache entry if it exists, is readable and was written for `fingerprint`.
+
+    An unreadable entry (truncated by a full disk, written by another version) is treated as a
+    miss and rebuilt rather than trusted.
+
+    Args:
+        path: the cache entry.
+        fingerprint: the fingerprint the entry must carry.
+
+    Returns:
+        (arrays, metadata), or None on a miss.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            if meta.get("fingerprint") != fingerprint:
+                return None
+            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception:  # any corruption means "rebuild", never "crash the run"
+        return None
+    return arrays, meta

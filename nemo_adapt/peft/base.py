@@ -1,0 +1,179 @@
+"""PEFT methods as registered, model-agnostic transforms over Megatron-Core modules.
+
+A method is a `PeftMethod` subclass registered with `@register_peft("name")` next to its
+definition, paired with a typed `PeftConfig` subclass. Applying it:
+
+1. freezes every base parameter;
+2. walks the model's modules and calls `transform(module, name, config)` on each, which returns
+   the module to keep (the same one, or a wrapper holding it as `base_layer`);
+3. lets `apply_model_level` add things that are not per-module (virtual-token embeddings, ...).
+
+Parameters a method adds are marked `is_adapter = True` (weight maps and adapter checkpoints key on
+it) and keep `requires_grad=True`. Some methods wrap linear layers (LoRA, DoRA, IA3), some insert
+modules after attention/MLP (adapters), some prepend to the embeddings (prompt tuning, p-tuning),
+some add per-layer keys/values (prefix tuning); all fit these three hooks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from nemo_adapt.errors import ConfigError
+
+_METHODS: dict[str, type[PeftMethod]] = {}
+
+
+@dataclass
+class PeftConfig:
+    """Settings shared by every method; each method subclasses this with its own fields."""
+
+    method: str = "none"
+    """Registered method name (`none` trains every parameter: full fine-tuning)."""
+
+    def __post_init__(self):
+        pass
+
+
+class PeftMethod:
+    """Base class of a PEFT method. Subclasses set `config_class` and override the hooks."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[PeftConfig]] = PeftConfig
+    paper: ClassVar[str] = ""
+
+    def __init__(self, config: PeftConfig):
+        self.config = config
+
+    def transform(self, module: torch.nn.Module, name: str) -> torch.nn.Module:
+        """Return the module to use in place of `module` (named `name` in the model)."""
+        return module
+
+    def apply_model_level(self, model: torch.nn.Module) -> None:
+        """Add parts that are not per-module (default: nothing)."""
+
+    def validate_matches(self, matched: list[str]) -> None:
+        """Called with the names `transform` changed; raise ConfigError if that is not enough."""
+
+    def apply(self, model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+        """Freeze the base model and add this method's trainable parts, in place.
+
+        `transform` sees global module names (pipeline stages number their layers locally; the
+        global name is the same at every layout), so per-module initialisation seeded from the name
+        gives identical adapters at TP1, TP2, PP2, ...
+
+        Returns:
+            The same model object.
+        """
+        self.seed = seed
+        for p in model.parameters():
+            p.requires_grad_(False)
+        changed = []
+        # Collect first: wrapping while iterating named_modules would visit the wrappers.
+        for name, module in list(model.named_modules()):
+            if not name:
+                continue
+            new = self.transform(module, global_module_name(model, name))
+            if new is not module:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, new)
+                changed.append(name)
+        self.validate_matches(changed)
+        self.apply_model_level(model)
+        return model
+
+
+def global_module_name(model: torch.nn.Module, name: str) -> str:
+    """`decoder.layers.<local>.rest` -> `decoder.layers.<global>.rest` (other names unchanged)."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0] == "decoder" and parts[1] == "layers" and parts[2].isdigit():
+        layer = model.decoder.layers[int(parts[2])]
+        parts[2] = str(layer.layer_number - 1)  # Megatron's layer_number is global and 1-based
+    return ".".join(parts)
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A per-module seed that depends only on the run seed and the global module name."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def mark_adapter(module_or_param) -> None:
+    """Mark parameters as adapter parameters (trainable, saved in adapter checkpoints)."""
+    params = [module_or_param] if isinstance(module_or_param, torch.nn.Parameter) else module_or_param.parameters()
+    for p in params:
+        p.is_adapter = True
+        p.requires_grad_(True)
+
+
+def register_peft(name: str):
+    """Class decorator: register a `PeftMethod` subclass under `name`."""
+
+    def deco(cls: type[PeftMethod]) -> type[PeftMethod]:
+        if name in _METHODS:
+            raise ValueError(f"PEFT method {name!r} is registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_methods() -> None:
+    # Importing a method module runs its @register_peft.
+    from nemo_adapt.peft import lora  # noqa: F401
+
+
+def list_peft_methods() -> list[str]:
+    """Registered method names, plus `none` (full fine-tuning)."""
+    _load_methods()
+    return ["none", *sorted(_METHODS)]
+
+
+def get_peft_method(name: str) -> type[PeftMethod] | None:
+    """The registered class for `name`; None for `none` (full fine-tuning).
+
+    Raises:
+        ConfigError: unknown name (lists the registered ones and the closest match).
+    """
+    _load_methods()
+    if name == "none":
+        return None
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, list_peft_methods(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"peft.method={name!r} is not a registered method.{hint} "
+                          f"Allowed: {', '.join(list_peft_methods())}")
+    return _METHODS[name]
+
+
+def peft_config_class(name: str) -> type[PeftConfig]:
+    """The typed config class of method `name` (`PeftConfig` for `none`)."""
+    cls = get_peft_method(name)
+    return PeftConfig if cls is None else cls.config_class
+
+
+def config_field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def apply_peft(model: torch.nn.Module, config: PeftConfig, seed: int = 0) -> PeftMethod | None:
+    """Apply the method named by `config.method` to `model` (no-op for `none`)."""
+    cls = get_peft_method(config.method)
+    if cls is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return None
+    method = cls(config)
+    method.apply(model, seed)
+    return method
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    """Number of trainable parameter elements held by this rank."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

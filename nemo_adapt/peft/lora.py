@@ -1,0 +1,232 @@
+"""LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685).
+
+W x + (alpha / r) * B A x, with A [r, in] and B [out, r]; B starts at zero so training starts at
+the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nemo_adapt.config.schema import check_positive
+from nemo_adapt.errors import ConfigError
+from nemo_adapt.peft.base import PeftConfig, PeftMethod, mark_adapter, name_seed, register_peft
+
+LINEAR_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig(PeftConfig):
+    """Low-rank adapters on Megatron-Core linear layers."""
+
+    method: str = "lora"
+    """Registered method name."""
+    rank: int = 8
+    """Rank r of the update B A."""
+    alpha: float = 16
+    """Scale numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LINEAR_TARGETS))
+    """Which linear layers get adapters: any of linear_qkv, linear_proj, linear_fc1, linear_fc2."""
+
+    def __post_init__(self):
+        check_positive("peft.rank", self.rank)
+        check_positive("peft.alpha", self.alpha, integer=False)
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"peft.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError(f"peft.target_modules is empty; choose from {', '.join(LINEAR_TARGETS)}")
+        for t in self.target_modules:
+            if t not in LINEAR_TARGETS:
+                raise ConfigError(f"peft.target_modules entry {t!r} is not a linear layer of the model; "
+                                  f"allowed: {', '.join(LINEAR_TARGETS)}")
+
+
+def children_sharded_state_dict(module, prefix, sharded_offsets, metadata) -> dict:
+    """Megatron `sharded_state_dict` for a plain container: each child describes its own sharding."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.utils import sharded_state_dict_default
+
+    out = {}
+    for name, child in module.named_children():
+        # Pass the TP group explicitly: with only the DP group in `metadata`, Megatron would give
+        # replicated tensors the same replica id on every TP rank and reject the save.
+        out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                              tp_group=ps.get_tensor_model_parallel_group()))
+    return out
+
+
+def _tp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size()
+
+
+def linear_kind(module: torch.nn.Module) -> str | None:
+    """`column` or `row` for Megatron-Core (local or Transformer Engine) parallel linear layers."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(module, ColumnParallelLinear):
+        return "column"
+    if isinstance(module, RowParallelLinear):
+        return "row"
+    mode = getattr(module, "parallel_mode", None)  # Transformer Engine linears
+    if mode in ("column", "row"):
+        return mode
+    if mode == "duplicated" or (mode is None and hasattr(module, "te_return_bias")):
+        return "column"  # TP1 TE layers report no mode; both halves of LoRA are then local
+    return None
+
+
+def full_in_out(module: torch.nn.Module, kind: str, tp: int) -> tuple[int, int]:
+    """Unsharded (in_features, out_features) of a TP-sharded linear layer."""
+    out_local, in_local = module.weight.shape
+    return (in_local, out_local * tp) if kind == "column" else (in_local * tp, out_local)
+
+
+class ParallelAdapterPair(torch.nn.Module):
+    """Two low-rank projections `down` [r, in] and `up` [out, r] laid out for a parallel base layer.
+
+    Column-parallel base (output split over TP): `down` replicated, `up` column-parallel.
+    Row-parallel base (input split over TP): `down` row-parallel (its output reduced over TP), `up`
+    replicated. Either way the pair's output has exactly the base layer's output layout, including
+    sequence-parallel scatter. Replicated halves see only a sequence shard under SP, so their grads
+    are marked for Megatron's TP all-reduce (`sequence_parallel` attribute).
+    """
+
+    def __init__(self, kind: str, in_features: int, out_features: int, rank: int, config, seed: int):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        self.kind = kind
+
+        def no_init(w):
+            return w
+
+        if kind == "column":
+            self.down = torch.nn.Linear(in_features, rank, bias=False, dtype=config.params_dtype)
+            self.up = ColumnParallelLinear(rank, out_features, config=config, init_method=no_init, bias=False,
+                                           gather_output=False, skip_bias_add=True)
+            replicated = self.down
+        else:
+            self.down = RowParallelLinear(in_features, rank, config=config, init_method=no_init, bias=False,
+                                          input_is_parallel=True, skip_bias_add=True)
+            self.up = torch.nn.Linear(rank, out_features, bias=False, dtype=config.params_dtype)
+            replicated = self.up
+        if config.sequence_parallel:
+            replicated.weight.sequence_parallel = True
+        self.reset_parameters(in_features, rank, seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, in_features: int, rank: int, seed: int) -> None:
+        """down ~ Kaiming-uniform (as in the LoRA reference code), up = 0; layout-independent."""
+        import math
+
+        from megatron.core import parallel_state as ps
+
+        gen = torch.Generator().manual_seed(seed)
+        bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) reduces to U(-1/sqrt(in), 1/sqrt(in))
+        full = (torch.rand(rank, in_features, generator=gen) * 2 - 1) * bound
+        if self.kind == "row":
+            full = full.chunk(ps.get_tensor_model_parallel_world_size(), dim=1)[ps.get_tensor_model_parallel_rank()]
+        self.down.weight.copy_(full.to(self.down.weight.dtype))
+        self.up.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(x)
+        h = h[0] if isinstance(h, tuple) else h
+        y = self.up(h)
+        return y[0] if isinstance(y, tuple) else y
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Parallel halves keep their TP sharding in checkpoints; replicated halves are replicated."""
+        return children_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
+    def delta_weight(self) -> torch.Tensor:
+        """up @ down on this rank's shard: the same shape as the base layer's local weight."""
+        return self.up.weight @ self.down.weight
+
+
+class LoRALinear(torch.nn.Module):
+    """A Megatron-Core parallel linear layer plus a LoRA update, same call signature and outputs."""
+
+    def __init__(self, base_layer: torch.nn.Module, kind: str, config: LoRAConfig, seed: int):
+        super().__init__()
+        self.base_layer = base_layer
+        tp = _tp_size()
+        in_f, out_f = full_in_out(base_layer, kind, tp)
+        self.scale = config.alpha / config.rank
+        self.dropout = torch.nn.Dropout(config.dropout) if config.dropout else torch.nn.Identity()
+        self.kind = kind
+        self.adapter = ParallelAdapterPair(kind, in_f, out_f, config.rank, base_layer.config, seed)
+        mark_adapter(self.adapter)
+        self.merged = False
+        if hasattr(base_layer, "return_layernorm_output"):
+            # Transformer Engine fuses the pre-norm into linear_qkv/linear_fc1: ask it for the normed
+            # input too, so the adapter sees what the base GEMM sees.
+            base_layer.return_layernorm_output = True
+            if hasattr(base_layer, "return_layernorm_output_gathered"):
+                base_layer.return_layernorm_output_gathered = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out = self.base_layer(x, *args, **kwargs)
+        result, bias = out if isinstance(out, tuple) else (out, None)
+        adapter_in = x
+        if isinstance(result, tuple):  # TE layer-norm linear: (output, normed input)
+            result, adapter_in = result
+        if self.merged:
+            return result, bias
+        if self.kind == "row" and self.training and not isinstance(self.dropout, torch.nn.Identity):
+            # The input is split over TP ranks: each rank's shard needs its own dropout mask.
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+            with get_cuda_rng_tracker().fork():
+                dropped = self.dropout(adapter_in)
+        else:
+            dropped = self.dropout(adapter_in)
+        return result + self.scale * self.adapter(dropped), bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (serving pays nothing for the adapter)."""
+        if not self.merged:
+            self.base_layer.weight.add_(self.scale * self.adapter.delta_weight().to(self.base_layer.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`, restoring the base weight."""
+        if self.merged:
+            self.base_layer.weight.sub_(self.scale * self.adapter.delta_weight().to(self.base_layer.weight.dtype))
+            self.merged = False
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Checkpoint layout for Megatron's dist_checkpointing (TP/PP-reshardable)."""
+        return children_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
+
+@register_peft("lora")
+class LoRA(PeftMethod):
+    """LoRA (Hu et al. 2021) on any of linear_qkv, linear_proj, linear_fc1, linear_fc2."""
+
+    config_class = LoRAConfig
+    paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685"
+
+    def transform(self, module, name):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in self.config.target_modules:
+            return module
+        kind = linear_kind(module)
+        if kind is None:
+            return module
+        return LoRALinear(module, kind, self.config, name_seed(self.seed, name))
+
+    def validate_matches(self, matched):
+        leaves = {m.rsplit(".", 1)[-1] for m in matched}
+        missing = [t for t in self.config.target_modules if t not in leaves]
+        if missing:
+            raise ConfigError(f"peft.target_modules {missing} matched no module of the model; "
+                              f"allowed: {', '.join(LINEAR_TARGETS)}")

@@ -1,0 +1,197 @@
+"""Training checkpoints: Megatron-Core `dist_checkpointing`, written atomically, resumable at any layout.
+
+Layout of a run directory's checkpoints:
+
+    checkpoints/
+      step_00000050/          complete checkpoints only (renamed into place when fully written)
+        dist/                 model (trainable parameters only under PEFT) + optimizer, sharded
+        state.json            step, data position, schedule, fingerprints, layout it was saved at
+        rng/rank_00000.safetensors   RNG states per rank (restored when the layout is unchanged)
+      latest                  name of the newest complete checkpoint, replaced last (os.replace)
+      .tmp-step_00000060/     a write in progress (or interrupted): never read, removed on resume
+
+A process killed while writing leaves only a `.tmp-*` directory and the old `latest`, so a resume
+uses the previous complete checkpoint. Only the newest `keep_last` complete checkpoints are kept.
+
+Training checkpoints are read only from the run directory this tool wrote. Adapters handed to other
+people and tools are exported separately as safetensors + JSON (see `nemo_adapt.artifacts`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_adapt.errors import CheckpointError
+
+_PREFIX = "step_"
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resume needs."""
+
+    step: int
+    """Optimizer steps completed."""
+    consumed_samples: int
+    """Training rows consumed (step x global batch size)."""
+    epoch: int
+    """Epoch of the next step."""
+    tokens_seen: int
+    """Non-padding training tokens processed so far."""
+    layout: dict
+    """tensor/pipeline/data sizes the checkpoint was saved at."""
+    peft_method: str
+    """Adaptation method (`none` = full fine-tuning)."""
+    data_fingerprint: str
+    """Fingerprint of the training data it was trained on."""
+    base_model_fingerprint: str
+    """Fingerprint of the base weights."""
+    seed: int
+    """Run seed."""
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None. Interrupted writes are never returned."""
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = root / name
+    if not name.startswith(_PREFIX) or not (path / "state.json").is_file():
+        raise CheckpointError(f"{str(pointer)!r} names {name!r}, which is not a complete checkpoint")
+    return path
+
+
+def _model_sharded_state_dict(model, trainable_only: bool) -> dict:
+    sd = model.sharded_state_dict(prefix="")
+    if not trainable_only:
+        return sd
+    keep = {}
+    for key, value in sd.items():
+        data = getattr(value, "data", None)
+        if isinstance(data, torch.nn.Parameter) and data.requires_grad:
+            keep[key] = value
+    if not keep:
+        raise CheckpointError("no trainable parameters found to checkpoint")
+    return keep
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    for name, s in get_cuda_rng_tracker().get_states().items():
+        if isinstance(s, torch.Tensor):
+            state[f"tracker/{name}"] = s.cpu()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch_cpu"])
+    if torch.cuda.is_available() and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    tracker = get_cuda_rng_tracker()
+    tracked = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("tracker/")}
+    if tracked:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tracker.set_states({k: v.to(device) if device == "cuda" else v for k, v in tracked.items()})
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, trainable_only: bool,
+                    keep_last: int) -> Path:
+    """Write a checkpoint for `state.step` (all ranks call this) and prune old ones.
+
+    Returns:
+        The path of the complete checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import save_file
+
+    root = checkpoint_root(run_dir)
+    name = f"{_PREFIX}{state.step:08d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "dist").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    dist.barrier()
+
+    model_sd = _model_sharded_state_dict(model, trainable_only)
+    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    dist_checkpointing.save(sharded, str(tmp / "dist"))
+    save_file(_rng_state(), str(tmp / "rng" / f"rank_{dist.get_rank():05d}.safetensors"))
+    dist.barrier()
+    if rank0:
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = root / ".latest.tmp"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, root / "latest")  # the commit point
+        complete = sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX))
+        for old in complete[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, trainable_only: bool, same_layout: bool) -> TrainState:
+    """Load model (+ optimizer) state from a complete checkpoint, resharding to the current layout.
+
+    RNG states are restored only when the layout is unchanged (`same_layout`); otherwise the
+    caller reseeds from (seed, step).
+
+    Raises:
+        CheckpointError: unreadable or incompatible checkpoint (names the path and the problem).
+    """
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import load_file
+
+    try:
+        state = TrainState(**json.loads((path / "state.json").read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as err:
+        raise CheckpointError(f"cannot read {str(path / 'state.json')!r}: {err}") from err
+    model_sd = _model_sharded_state_dict(model, trainable_only)
+    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path / "dist"))
+    except Exception as err:  # dist_checkpointing raises several error types for missing/mismatched shards
+        raise CheckpointError(f"cannot load checkpoint {str(path)!r} into this model: {err}") from err
+    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    if unexpected:
+        raise CheckpointError(f"checkpoint {str(path)!r} has parameters this model lacks: {unexpected[:3]}")
+    optimizer.load_state_dict(loaded["optimizer"])
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.safetensors"
+    if same_layout and rng_file.is_file():
+        _set_rng_state(load_file(str(rng_file)))
+    return state
+
+
+def clean_interrupted(run_dir: Path) -> list[str]:
+    """Remove `.tmp-*` leftovers of interrupted writes (rank 0 only). Returns their names."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir() or dist.get_rank() != 0:
+        return []
+    removed = []
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed

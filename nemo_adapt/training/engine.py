@@ -1,0 +1,267 @@
+"""The pieces the training entry composes: model, optimizer, schedule, batches and one step.
+
+Everything distributed is Megatron-Core's: `DistributedDataParallel` (grad buffers, bucketing,
+distributed optimizer), `get_megatron_optimizer` (AdamW, grad clipping), and the pipeline schedule
+from `get_forward_backward_func` (1F1B, interleaved, or no pipelining). Loss is a per-token mean
+over the whole global batch (Megatron's `calculate_per_token_loss`), so the same global batch gives
+the same loss and gradients at any TP/PP/DP split and micro-batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from nemo_adapt.config.schema import RecipeConfig
+from nemo_adapt.errors import ConfigError
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """Parameter dtype for `train.precision` on this machine (auto: bf16 on GPU, fp32 on CPU)."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if precision in ("bf16", "fp8"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.precision={precision!r} needs a GPU; use 'auto' or 'fp32' on CPU")
+        return torch.bfloat16
+    return torch.float32
+
+
+def wrap_ddp(model, cfg: RecipeConfig):
+    """Megatron DDP around a stage: contiguous grad buffers, DP all-reduce or reduce-scatter."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        # Per-token loss: gradients are summed over DP and divided by the global token count
+        # in finalize_model_grads, not averaged by the DP size.
+        average_in_collective=False,
+    )
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    return ddp
+
+
+def connect_schedule_hooks(ddp_model, optimizer) -> None:
+    """Tell Megatron's schedules how to finish a step: DP grad reduction, tied-embedding and
+    sequence-parallel grad all-reduces, division by the global token count (finalize_model_grads),
+    and no grad sync between micro-batches of one step."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp_model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = ddp_model.no_sync
+
+
+def build_optimizer(ddp_model, cfg: RecipeConfig):
+    """AdamW over the trainable parameters (Megatron's optimizer, with grad clipping)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o = cfg.optim
+    dtype = ddp_model.config.params_dtype
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=cfg.train.grad_clip,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    return get_megatron_optimizer(opt_config, [ddp_model])
+
+
+def lr_at(step: int, cfg: RecipeConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay schedule."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    decay_steps = max(1, total_steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / decay_steps)
+    if o.schedule == "linear":
+        return o.min_lr + (o.lr - o.min_lr) * (1 - progress)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class BatchPlan:
+    """How a global batch is cut: per DP rank and per micro-batch."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    data_parallel: int
+
+    def __post_init__(self):
+        per_rank, rem = divmod(self.global_batch_size, self.data_parallel)
+        if rem or per_rank % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size x data-parallel size = {self.micro_batch_size} x {self.data_parallel}"
+            )
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel)
+
+
+class StepData:
+    """Rows of the training set in the order they are consumed: epoch permutations laid end to end.
+
+    Step k uses positions [k * G, (k + 1) * G) of that stream (G = global batch size); within it,
+    data-parallel rank d takes its contiguous share. An epoch holds floor(N / G) steps (the
+    remainder rows of an epoch are skipped), so the position of step k never depends on how the
+    run was interrupted: resuming at step k needs only k.
+    """
+
+    def __init__(self, dataset, plan: BatchPlan, seed: int):
+        self.dataset = dataset
+        self.plan = plan
+        self.seed = seed
+        self.steps_per_epoch = len(dataset) // plan.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training split has {len(dataset)} rows, fewer than train.global_batch_size="
+                f"{plan.global_batch_size}; lower the global batch size or add data"
+            )
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {epoch: self.dataset.epoch_order(epoch, self.seed)}
+        return self._orders[epoch]
+
+    def microbatches(self, step: int, dp_rank: int) -> list[dict]:
+        """This rank's micro-batches (collated dicts of [mbs, s] tensors) for optimizer step `step`."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g, per_rank = self.plan.global_batch_size, self.plan.global_batch_size // self.plan.data_parallel
+        start = k * g + dp_rank * per_rank
+        rows = self._order(epoch)[start:start + per_rank]
+        mbs = self.plan.micro_batch_size
+        return [self.dataset.collate([self.dataset[i] for i in rows[j:j + mbs]]) for j in range(0, per_rank, mbs)]
+
+
+def _attention_mask(batch: dict) -> torch.Tensor | None:
+    # Packed rows need a block-diagonal causal mask; unpacked rows are plain causal (None).
+    seg = batch.get("segment_ids")
+    if seg is None or bool((seg.max(dim=1).values == seg.min(dim=1).values).all()):
+        return None
+    from nemo_adapt.data import attention_mask_from_segments
+
+    return attention_mask_from_segments(seg)
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    # output_tensor: per-token cross entropy [b, s]. Return the masked sum and the token count;
+    # Megatron divides gradients by the global count (calculate_per_token_loss).
+    mask = loss_mask.float().reshape(-1)
+    losses = output_tensor.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator: Iterator[dict], model):
+    """Megatron schedule callback: run one micro-batch through this stage."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device)
+    out = model(tokens, batch["position_ids"].to(device), _attention_mask(batch),
+                labels=batch["labels"].to(device))
+    return out, partial(_loss_func, batch["loss_mask"].to(device))
+
+
+def run_schedule(ddp_model, microbatches: list[dict], seq_length: int, micro_batch_size: int,
+                 forward_only: bool) -> tuple[float, float]:
+    """Forward (and backward) over micro-batches with Megatron's pipeline schedule.
+
+    Returns:
+        (loss_sum, token_count) over this DP rank's micro-batches, known on every rank of the
+        model-parallel group (the last pipeline stage computes it; it is broadcast to the others).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    losses = fb(forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp_model],
+                num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+                decoder_seq_length=seq_length, forward_only=forward_only)
+    total = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage():
+        for item in losses:
+            total += item["lm loss"].double().cpu()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return float(total[0]), float(total[1])
+
+
+def global_mean(loss_sum: float, tokens: float) -> float:
+    """Per-token mean over all data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([loss_sum, tokens], dtype=torch.float64)
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return float(t[0] / max(t[1], 1.0))
+
+
+def train_step(ddp_model, optimizer, microbatches: list[dict], seq_length: int, micro_batch_size: int,
+               lr: float) -> tuple[float, float, bool]:
+    """One optimizer step over this rank's micro-batches.
+
+    Returns:
+        (loss, grad_norm, updated): global per-token loss of the batch, gradient norm, and whether
+        the update was applied (False only when fp16 loss scaling finds inf/nan).
+    """
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_sum, tokens = run_schedule(ddp_model, microbatches, seq_length, micro_batch_size, forward_only=False)
+    set_lr(optimizer, lr)
+    updated, grad_norm, _ = optimizer.step()
+    return global_mean(loss_sum, tokens), float(grad_norm or 0.0), bool(updated)
+
+
+@torch.no_grad()
+def validation_loss(ddp_model, dataset, plan: BatchPlan, dp_rank: int, seq_length: int,
+                    max_batches: int | None = None) -> float:
+    """Per-token loss over the validation split (every rank returns the same value)."""
+    ddp_model.eval()
+    try:
+        per_rank = plan.global_batch_size // plan.data_parallel
+        n = len(dataset) - len(dataset) % plan.global_batch_size or len(dataset)
+        loss_sum = tokens = 0.0
+        for b, start in enumerate(range(0, n, plan.global_batch_size)):
+            if max_batches is not None and b >= max_batches:
+                break
+            idx = list(range(start, min(start + plan.global_batch_size, len(dataset))))
+            mine = idx[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            if not mine:
+                continue
+            mbs = plan.micro_batch_size
+            mb = [dataset.collate([dataset[i] for i in mine[j:j + mbs]]) for j in range(0, len(mine), mbs)]
+            s, t = run_schedule(ddp_model, mb, seq_length, mbs, forward_only=True)
+            loss_sum += s
+            tokens += t
+        return global_mean(loss_sum, tokens)
+    finally:
+        ddp_model.train()
