@@ -16,6 +16,7 @@ from nemo_adapt.errors import NemoAdaptError
 
 # Subcommand name -> module providing `register(subparsers)`.
 _SUBCOMMANDS = {
+    "run": "nemo_adapt.training.main",
     "models": "nemo_adapt.models.cli",
     "generate": "nemo_adapt.generation.cli",
     "export": "nemo_adapt.models.convert_cli",

@@ -38,17 +38,19 @@ if TYPE_CHECKING:
     from nemo_adapt.errors import ConfigError
     from nemo_adapt.peft.base import PeftConfig
 
+__all__ = [
+    "CheckpointConfig", "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig",
+    "ModelConfig", "OptimConfig", "ParallelConfig", "PeftConfig", "RecipeConfig", "RunConfig", "TrainConfig",
+    "config_to_dict", "dump_resolved", "load_recipe", "load_resolved", "resolve_run_dir", "save_resolved",
+]
+
+# Public name -> module defining it.
 _WHERE = {
-    **dict.fromkeys(("config_to_dict", "dump_resolved", "load_recipe", "load_resolved", "resolve_run_dir",
-                     "save_resolved"), "nemo_adapt.config.loader"),
-    **dict.fromkeys(("CheckpointConfig", "ClusterConfig", "DataConfig", "EvalConfig", "LoggingConfig",
-                     "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeConfig", "RunConfig",
-                     "TrainConfig"), "nemo_adapt.config.schema"),
+    **{name: "nemo_adapt.config.schema" for name in __all__ if name.endswith("Config") and name != "PeftConfig"},
+    **{name: "nemo_adapt.config.loader" for name in __all__ if name[0].islower()},
     "ConfigError": "nemo_adapt.errors",
     "PeftConfig": "nemo_adapt.peft.base",
 }
-
-__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:

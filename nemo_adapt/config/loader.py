@@ -339,7 +339,7 @@ def _check_shape(tree: Mapping[Any, Any], where: Callable[[str], str], null_sect
 
 def _merge_and_resolve(data: dict[str, Any], in_file: _Where, overrides: list[_Override],
                        locate: _Where) -> dict[str, Any]:
-    """OmegaConf merge (defaults, file, then each override) and `${...}` resolution, errors located."""
+    """The file, each override in turn, then defaults for unset keys, in OmegaConf; `${...}` resolved."""
     from omegaconf import OmegaConf  # a few hundred ms; only recipes (not load_resolved) need it
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 

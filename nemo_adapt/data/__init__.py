@@ -5,7 +5,14 @@ for the evaluator, and `attention_mask_from_segments` / `packed_seq_params` to t
 segment ids into attention inputs.
 """
 
-from nemo_adapt.data.dataset import Dataset, Datasets, build_datasets, collate, epoch_permutation, format_stats
+from nemo_adapt.data.dataset import (
+    Dataset,
+    Datasets,
+    build_datasets,
+    collate,
+    epoch_permutation,
+    format_stats,
+)
 from nemo_adapt.data.formats import DataError, Record, RecordFile, load_records, read_records
 from nemo_adapt.data.packing import (
     attention_mask_from_segments,

@@ -101,26 +101,13 @@ def _boundary(prefix_ids: list[int], full_ids: list[int], inclusive_end: bool) -
     return min(k + 1, len(full_ids)) if inclusive_end else k
 
 
-def tokenize_chat(tokenizer, messages: Sequence[dict[str, str]], where: str = "a chat") -> TokenizedExample:
-    """Tokenize one chat with the chat template and mark its answer tokens.
-
-    Args:
-        tokenizer: a `transformers` tokenizer with a chat template.
-        messages: the chat (`role`/`content` dicts), ending with an assistant turn.
-        where: the record's location (`file:line`) for error messages.
-
-    Returns:
-        The token ids and the answer mask (every assistant turn, each with its end-of-turn token).
-
-    Raises:
-        DataError: the tokenizer has no chat template, or the template does not render a chat's
-            prefix as a prefix of the chat (answer spans cannot be located).
-    """
+def _answer_spans(tokenizer, messages: Sequence[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character span of each assistant answer in it."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; chat training data needs one")
     full = _render(tokenizer, messages, add_generation_prompt=False)
     eot = end_of_turn_text(tokenizer)
-    spans: list[tuple[int, int]] = []  # character spans of the answers in `full`
+    spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -137,26 +124,53 @@ def tokenize_chat(tokenizer, messages: Sequence[dict[str, str]], where: str = "a
             if cut >= 0:
                 end = cut + len(eot)
         spans.append((start, end))
+    return full, spans
 
-    texts = [full] + [full[:c] for span in spans for c in span]
-    encoded = _encode(tokenizer, texts)
+
+def _texts(full: str, spans: list[tuple[int, int]]) -> list[str]:
+    """What to tokenize for one chat: the whole text, then the text up to each span boundary."""
+    return [full] + [full[:c] for span in spans for c in span]
+
+
+def _mask(encoded: list[list[int]], n_spans: int) -> TokenizedExample:
     full_ids = encoded[0]
     mask = [0] * len(full_ids)
-    for j, _ in enumerate(spans):
+    for j in range(n_spans):
         s = _boundary(encoded[1 + 2 * j], full_ids, inclusive_end=False)
         e = _boundary(encoded[2 + 2 * j], full_ids, inclusive_end=True)
-        for t in range(s, e):
-            mask[t] = 1
+        mask[s:e] = [1] * (e - s)
     return TokenizedExample(input_ids=full_ids, answer_mask=mask)
 
 
-def tokenize_records(tokenizer, records: Sequence[Record], system_prompt: str | None) -> list[TokenizedExample]:
+def tokenize_chat(tokenizer, messages: Sequence[dict[str, str]], where: str = "a chat") -> TokenizedExample:
+    """Tokenize one chat with the chat template and mark its answer tokens.
+
+    Args:
+        tokenizer: a `transformers` tokenizer with a chat template.
+        messages: the chat (`role`/`content` dicts), ending with an assistant turn.
+        where: the record's location (`file:line`) for error messages.
+
+    Returns:
+        The token ids (the same as `apply_chat_template(messages, tokenize=True)`) and the answer
+        mask (every assistant turn, each with its end-of-turn token).
+
+    Raises:
+        DataError: the tokenizer has no chat template, or the template does not render a chat's
+            prefix as a prefix of the chat (answer spans cannot be located).
+    """
+    full, spans = _answer_spans(tokenizer, messages, where)
+    return _mask(_encode(tokenizer, _texts(full, spans)), len(spans))
+
+
+def tokenize_records(tokenizer, records: Sequence[Record], system_prompt: str | None,
+                     chunk: int = 256) -> list[TokenizedExample]:
     """Tokenize records in order, adding `system_prompt` to those without a system message.
 
     Args:
         tokenizer: a `transformers` tokenizer with a chat template.
         records: validated records (see `formats.read_records`).
         system_prompt: default system message (None: the template's own default, if any).
+        chunk: records whose texts go to the tokenizer in one batch call (amortises per-call cost).
 
     Returns:
         One tokenized example per record.
@@ -164,10 +178,19 @@ def tokenize_records(tokenizer, records: Sequence[Record], system_prompt: str | 
     Raises:
         DataError: as `tokenize_chat`.
     """
-    out = []
-    for r in records:
-        rec = r.with_system_prompt(system_prompt)
-        out.append(tokenize_chat(tokenizer, rec.messages, where=f"{r.path}:{r.line}"))
+    out: list[TokenizedExample] = []
+    for lo in range(0, len(records), chunk):
+        plans = []
+        for r in records[lo:lo + chunk]:
+            rec = r.with_system_prompt(system_prompt)
+            plans.append(_answer_spans(tokenizer, rec.messages, where=f"{r.path}:{r.line}"))
+        texts = [t for full, spans in plans for t in _texts(full, spans)]
+        encoded = _encode(tokenizer, texts)
+        at = 0
+        for _, spans in plans:
+            n = 1 + 2 * len(spans)
+            out.append(_mask(encoded[at:at + n], len(spans)))
+            at += n
     return out
 
 
@@ -191,8 +214,8 @@ def tokenizer_identity(tokenizer) -> str:
     extra = {
         "chat_template": getattr(tokenizer, "chat_template", None),
         "eos": tokenizer.eos_token,
-        "pad_id": pad_token_id(tokenizer) if (tokenizer.pad_token_id is not None
-                                              or tokenizer.eos_token_id is not None) else None,
+        "pad_id": tokenizer.pad_token_id,
+        "eos_id": tokenizer.eos_token_id,
         "bos": tokenizer.bos_token,
     }
     return vocab + "\n" + json.dumps(extra, sort_keys=True, ensure_ascii=False)

@@ -67,6 +67,33 @@ def open_source(checkpoint: str | os.PathLike, model: str | ModelSpec | None = N
     return CheckpointSource(spec, src, path, str(path))
 
 
+def base_fingerprint(source: CheckpointSource) -> str:
+    """A short, stable identity of the base weights: architecture + the checkpoint's bytes.
+
+    GGUF files and safetensors headers are hashed whole (headers hold every tensor's name, shape and
+    byte range; data bytes of multi-GB shards are sampled at fixed offsets), so a different base
+    model is caught without reading tens of GB.
+    """
+    import hashlib
+    import json as _json
+
+    h = hashlib.sha256(_json.dumps(source.spec.name).encode())
+    path = Path(source.location)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= 256 * 2**20:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                for k in range(64):  # 64 samples of 64 KiB spread over the file
+                    fh.seek(size * k // 64)
+                    h.update(fh.read(1 << 16))
+    return f"{source.spec.name}@{h.hexdigest()[:16]}"
+
+
 def load_model(checkpoint: str | os.PathLike, model: str | ModelSpec | None = None, options=None):
     """Build this rank's `GPTModel` stage and fill it from `checkpoint`.
 

@@ -16,6 +16,7 @@ some add per-layer keys/values (prefix tuning); all fit these three hooks.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -174,6 +175,30 @@ def apply_peft(model: torch.nn.Module, config: PeftConfig, seed: int = 0) -> Pef
     return method
 
 
-def trainable_parameters(model: torch.nn.Module) -> int:
-    """Number of trainable parameter elements held by this rank."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def trainable_parameters(model: torch.nn.Module, unique: bool = False) -> int:
+    """Number of trainable parameter elements held by this rank.
+
+    With `unique`, parameters replicated over tensor-parallel ranks count on TP rank 0 only, so
+    summing over the TP and PP ranks of one replica gives the model's total.
+    """
+    tp_rank = 0
+    if unique:
+        from megatron.core import parallel_state as ps
+
+        tp_rank = ps.get_tensor_model_parallel_rank()
+    return sum(p.numel() for p in model.parameters()
+               if p.requires_grad and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False)))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run the base model: every adapter module (attribute `adapter_enabled`) is bypassed inside."""
+    modules = [m for m in model.modules() if hasattr(m, "adapter_enabled")]
+    before = [m.adapter_enabled for m in modules]
+    for m in modules:
+        m.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for m, b in zip(modules, before):
+            m.adapter_enabled = b

@@ -164,6 +164,7 @@ class LoRALinear(torch.nn.Module):
         self.adapter = ParallelAdapterPair(kind, in_f, out_f, config.rank, base_layer.config, seed)
         mark_adapter(self.adapter)
         self.merged = False
+        self.adapter_enabled = True
         if hasattr(base_layer, "return_layernorm_output"):
             # Transformer Engine fuses the pre-norm into linear_qkv/linear_fc1: ask it for the normed
             # input too, so the adapter sees what the base GEMM sees.
@@ -177,7 +178,7 @@ class LoRALinear(torch.nn.Module):
         adapter_in = x
         if isinstance(result, tuple):  # TE layer-norm linear: (output, normed input)
             result, adapter_in = result
-        if self.merged:
+        if self.merged or not self.adapter_enabled:
             return result, bias
         if self.kind == "row" and self.training and not isinstance(self.dropout, torch.nn.Identity):
             # The input is split over TP ranks: each rank's shard needs its own dropout mask.

@@ -161,8 +161,10 @@ class StepData:
 
 def _attention_mask(batch: dict) -> torch.Tensor | None:
     # Packed rows need a block-diagonal causal mask; unpacked rows are plain causal (None).
+    # Segments are numbered 1, 2, ... per row (0 = padding, which only follows the last example),
+    # so a row holds several examples exactly when its largest segment id exceeds 1.
     seg = batch.get("segment_ids")
-    if seg is None or bool((seg.max(dim=1).values == seg.min(dim=1).values).all()):
+    if seg is None or not bool((seg.max(dim=1).values > 1).any()):
         return None
     from nemo_adapt.data import attention_mask_from_segments
 

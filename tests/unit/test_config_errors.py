@@ -337,7 +337,7 @@ def test_override_resolver_is_refused(recipe):
     assert "calls an interpolation resolver" in error(recipe, ["run.output_dir=${oc.env:HOME}"])
 
 
-def test_errors_come_before_anything_is_imported_or_written(tmp_path, recipe, monkeypatch):
+def test_errors_write_nothing(tmp_path, recipe, monkeypatch):
     monkeypatch.chdir(tmp_path)
     error(recipe, ["optim.lr=-1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

@@ -1,5 +1,7 @@
 """The resolved config: plain dict, YAML in the run directory, exact round trip; run dir; `nemo-adapt config`."""
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -139,3 +141,17 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path, capsys):
 def test_cli_bad_override_is_exit_code_2(capsys):
     assert main(["config", str(RECIPES[0]), "optim.lr"]) == 2
     assert "override 1 'optim.lr': expected key=value" in capsys.readouterr().err
+
+
+def test_cli_module_import_is_cheap():
+    # `nemo-adapt --help` imports every subcommand module; torch must wait until a recipe is loaded.
+    code = "import sys, nemo_adapt.config.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_public_api_resolves():
+    import nemo_adapt.config as config
+
+    for name in config.__all__:
+        assert getattr(config, name).__name__ == name

@@ -1,5 +1,6 @@
 """build_datasets end to end: rows, packing, labels, over-length counts, fingerprints, cache, order."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -7,7 +8,13 @@ import pytest
 import torch
 
 from nemo_adapt.config.schema import DataConfig
-from nemo_adapt.data import DataError, attention_mask_from_segments, build_datasets, format_stats, tokenize_chat
+from nemo_adapt.data import (
+    DataError,
+    attention_mask_from_segments,
+    build_datasets,
+    format_stats,
+    tokenize_chat,
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +122,25 @@ def test_packing_keeps_examples_intact_and_restarts_positions(tmp_path, files, t
     assert sum(int(packed[i]["loss_mask"].sum()) for i in range(len(packed))) == ds.stats["train"]["answer_tokens"]
 
 
-def test_collate_and_packed_seq_params(tmp_path, files, tok):
-    train, _ = files
+def packed_batch(tmp_path, train, tok) -> dict:
     ds = build_datasets(cfg(tmp_path, train, packing=True, seq_length=128), tok, seed=1).train
-    batch = ds.collate([ds[0], ds[1]])
+    return ds.collate([ds[0], ds[1]])
+
+
+def test_collate(tmp_path, files, tok):
+    batch = packed_batch(tmp_path, files[0], tok)
     assert batch["tokens"].shape == (2, 128) and batch["loss_mask"].dtype == torch.float32
     assert attention_mask_from_segments(batch["segment_ids"]).shape == (2, 1, 128, 128)
-    pytest.importorskip("megatron.core")
+
+
+@pytest.mark.megatron
+def test_packed_seq_params(tmp_path, files, tok):
+    pytest.importorskip("megatron.core")  # importing it takes ~15 s on a small CPU
     from nemo_adapt.data import packed_seq_params
 
-    p = packed_seq_params(batch["segment_ids"])
+    p = packed_seq_params(packed_batch(tmp_path, files[0], tok)["segment_ids"])
     assert p.qkv_format == "thd" and int(p.cu_seqlens_q[-1]) == 256 and p.cu_seqlens_q.dtype == torch.int32
+    assert p.max_seqlen_q == p.max_seqlen_kv <= 128
 
 
 def long_chat(n_words: int, answer: str = "Short answer.") -> dict:
@@ -191,14 +206,20 @@ def test_fingerprint_and_cache_reuse(tmp_path, files, tok):
     assert sys_ds.train.cache_hit and "You are terse." in tok.decode(sys_ds.train[0]["tokens"])
 
     # same bytes under another name: same fingerprint, cache reused; changed bytes: a new entry
-    copy = tmp_path / "copy.jsonl"
-    copy.write_bytes(Path(train).read_bytes())
-    assert build_datasets(cfg(tmp_path, str(copy)), tok, seed=1).train.cache_hit
+    same_bytes = tmp_path / "copy.jsonl"
+    same_bytes.write_bytes(Path(train).read_bytes())
+    assert build_datasets(cfg(tmp_path, str(same_bytes)), tok, seed=1).train.cache_hit
     with open(train, "a") as f:
         f.write(json.dumps(chat(99)) + "\n")
     changed = build_datasets(cfg(tmp_path, train), tok, seed=1)
     assert not changed.train.cache_hit and changed.fingerprint["train"] not in prints
-    assert len(list(cache.glob("*.safetensors"))) == 6
+    assert len(list(cache.glob("*.safetensors"))) == 6  # 1 train + 1 validation + 3 settings + 1 changed file
+
+    # another chat template (or vocabulary) is another tokenizer: a new entry
+    other_tok = copy.copy(tok)
+    other_tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert not build_datasets(cfg(tmp_path, train), other_tok, seed=1).train.cache_hit
+    assert tok.chat_template != other_tok.chat_template
 
     # a corrupt entry is rebuilt, not trusted
     changed.train.cache_path.write_bytes(b"garbage")

@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     sizes = {s: getattr(args, s) for s in SPLIT_SIZES}
     paths = write_splits(args.out, args.seed, sizes)
-    for split, path in paths.items():
+    for path in paths.values():
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         d = distribution(records)
         top_pair, top_share = next(iter(d["pair"].items()))

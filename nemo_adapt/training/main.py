@@ -1,0 +1,271 @@
+"""`nemo-adapt run RECIPE [key=value ...]`: the training entry, top to bottom.
+
+    setup     check every input, start process groups, data, model + PEFT, optimizer, resume
+    train     Megatron-Core schedule per step; log, validate, checkpoint, stop on a signal
+    evaluate  test split: adapted model vs prompt-only baseline (exact match)
+    cleanup   final checkpoint, results, loss curve, W&B finish
+
+Runs as one process or under torchrun/srun (one process per GPU, or per CPU rank over gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_adapt.errors import ConfigError
+
+
+def preflight(cfg, world_size: int):
+    """Validate everything that can be checked without building the model; return the opened checkpoint.
+
+    Raises:
+        ConfigError / CheckpointError / ParallelLayoutError: the first problem found, clearly named.
+    """
+    from nemo_adapt.models.builder import check_layout
+    from nemo_adapt.models.loader import open_source
+    from nemo_adapt.peft.base import get_peft_method
+    from nemo_adapt.training.engine import BatchPlan
+
+    for key in ("train", "validation", "test"):
+        path = getattr(cfg.data, key)
+        if key == "train" and not path:
+            raise ConfigError("data.train is empty; give a JSONL file of training examples")
+        if path and not Path(path).is_file():
+            raise ConfigError(f"data.{key}={path!r} does not exist (relative paths are from {os.getcwd()!r})")
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"data.{key}={path!r} is not readable")
+    get_peft_method(cfg.peft.method)
+    source = open_source(cfg.model.checkpoint, cfg.model.name)
+    p = cfg.parallel
+    check_layout(source.spec, p.tensor, p.pipeline, p.virtual_pipeline)
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size % model_parallel:
+        raise ConfigError(f"{world_size} processes cannot hold tensor x pipeline x context = {model_parallel}; "
+                          f"launch a multiple of {model_parallel} processes")
+    if p.virtual_pipeline or p.context > 1:
+        raise ConfigError("parallel.virtual_pipeline and parallel.context > 1 are not supported by the trainer yet; "
+                          "set them to null and 1")
+    if p.sequence_parallel and not torch.cuda.is_available():
+        raise ConfigError("parallel.sequence_parallel needs GPUs; set it to false on CPU")
+    BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, world_size // model_parallel)
+    if cfg.data.seq_length > source.spec.max_position_embeddings:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds the model's context of "
+                          f"{source.spec.max_position_embeddings} tokens")
+    return source
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run(recipe: str, overrides: list[str]) -> int:
+    from nemo_adapt.config import config_to_dict, load_recipe, resolve_run_dir, save_resolved
+    from nemo_adapt.data import build_datasets
+    from nemo_adapt.data.formats import load_records
+    from nemo_adapt.eval.runner import baseline_shots, evaluate_task
+    from nemo_adapt.logging import RunLogger
+    from nemo_adapt.models.builder import BuildOptions
+    from nemo_adapt.models.loader import base_fingerprint, load_model
+    from nemo_adapt.parallel import runtime
+    from nemo_adapt.peft.base import adapters_disabled, apply_peft, trainable_parameters
+    from nemo_adapt.tokenizer import load_tokenizer
+    from nemo_adapt.training import checkpoint as ckpt
+    from nemo_adapt.training import engine
+    from nemo_adapt.training.signals import EXIT_REQUEUE, PreemptionHandler
+
+    # ---------------------------------------------------------------- setup
+    cfg = load_recipe(recipe, overrides)
+    source = preflight(cfg, _world_size())
+    run_dir = resolve_run_dir(cfg)
+    latest = ckpt.latest_checkpoint(run_dir) if run_dir.exists() else None
+    if latest is not None and cfg.checkpoint.resume == "never":
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds checkpoint {latest.name} and "
+                          "checkpoint.resume=never; choose another run.name or set checkpoint.resume=auto")
+    preemption = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
+
+    p = cfg.parallel
+    info = runtime.initialize(runtime.ParallelLayout(tensor=p.tensor, pipeline=p.pipeline,
+                                                     sequence_parallel=p.sequence_parallel), seed=cfg.run.seed)
+    main_rank = info.rank == 0
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_interrupted(run_dir)
+        save_resolved(cfg, run_dir / "config.yaml")
+    dist.barrier()
+
+    tokenizer = load_tokenizer(source.tokenizer_path)
+    # Rank 0 tokenizes and fills the cache; the others then read it (same fingerprint).
+    if main_rank:
+        data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
+    dist.barrier()
+    if not main_rank:
+        data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
+    seq = cfg.data.seq_length
+
+    dtype = engine.resolve_dtype(cfg.train.precision)
+    model, source = load_model(cfg.model.checkpoint, source.spec,
+                               BuildOptions(params_dtype=dtype, sequence_parallel=p.sequence_parallel,
+                                            recompute=p.recompute))
+    spec = source.spec
+    model.config.calculate_per_token_loss = True
+    apply_peft(model, cfg.peft, seed=cfg.run.seed)
+    n_trainable = _sum_over_model_parallel(trainable_parameters(model, unique=True))
+    ddp = engine.wrap_ddp(model, cfg)
+    optimizer = engine.build_optimizer(ddp, cfg)
+    engine.connect_schedule_hooks(ddp, optimizer)
+
+    plan = engine.BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, info.data_parallel)
+    steps = engine.StepData(data.train, plan, cfg.run.seed)
+    total_steps = cfg.run.max_steps or max(1, int(cfg.run.max_epochs * steps.steps_per_epoch))
+    if data.validation is not None and len(data.validation) < plan.global_batch_size:
+        raise ConfigError(f"the validation split has {len(data.validation)} rows, fewer than "
+                          f"train.global_batch_size={plan.global_batch_size}")
+    trainable_only = cfg.peft.method != "none"
+    fingerprint = base_fingerprint(source)
+    layout = {"tensor": p.tensor, "pipeline": p.pipeline, "data": info.data_parallel}
+
+    start_step, tokens_seen = 0, 0
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, ddp, optimizer, trainable_only, same_layout=False)
+        if state.base_model_fingerprint != fingerprint:
+            raise ConfigError(f"checkpoint {str(latest)!r} was trained on base model {state.base_model_fingerprint}, "
+                              f"but model.checkpoint is {fingerprint}")
+        same = state.layout == layout
+        if same:
+            ckpt.load_checkpoint(latest, ddp, optimizer, trainable_only, same_layout=True)
+        start_step, tokens_seen = state.step, state.tokens_seen
+        if state.data_fingerprint != data.fingerprint["combined"] and main_rank:
+            print(f"warning: training data changed since checkpoint {latest.name}", flush=True)
+
+    logger = RunLogger(cfg.logging, run_dir, cfg.run.name, config_to_dict(cfg), is_main=main_rank,
+                       total_steps=total_steps, start_step=start_step)
+    if main_rank:
+        logger.truncate_after(start_step)
+        (run_dir / "data_fingerprint.json").write_text(json.dumps(
+            {"fingerprint": data.fingerprint, "stats": data.stats}, indent=2, default=str) + "\n")
+        if latest is not None:
+            logger.event("resumed", step=start_step, checkpoint=latest.name, layout=layout)
+
+    def save(step: int) -> Path:
+        state = ckpt.TrainState(step=step, consumed_samples=step * plan.global_batch_size,
+                                epoch=step // steps.steps_per_epoch, tokens_seen=tokens_seen, layout=layout,
+                                peft_method=cfg.peft.method, data_fingerprint=data.fingerprint["combined"],
+                                base_model_fingerprint=fingerprint, seed=cfg.run.seed)
+        return ckpt.save_checkpoint(run_dir, ddp, optimizer, state, trainable_only, cfg.checkpoint.keep_last)
+
+    # ---------------------------------------------------------------- train
+    exit_code = 0
+    step = start_step
+    while step < total_steps:
+        t0 = time.perf_counter()
+        batches = steps.microbatches(step, info.dp_rank)
+        lr = engine.lr_at(step, cfg, total_steps)
+        loss, grad_norm, _ = engine.train_step(ddp, optimizer, batches, seq, plan.micro_batch_size, lr)
+        dt = time.perf_counter() - t0
+        # Non-padding tokens of the whole global batch: this rank's count x DP ranks (equal shares).
+        step_tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches) * info.data_parallel
+        tokens_seen += step_tokens
+        step += 1
+        if step % cfg.run.log_interval == 0 or step == total_steps:
+            logger.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                              "train/tokens_per_s": step_tokens / dt, "train/step_time_s": dt,
+                              "train/trainable_params": n_trainable, "train/peak_memory_gib": _peak_memory_gib(),
+                              "train/tokens_seen": tokens_seen})
+        if data.validation is not None and cfg.run.eval_interval and step % cfg.run.eval_interval == 0:
+            logger.log(step, {"val/loss": engine.validation_loss(ddp, data.validation, plan, info.dp_rank, seq,
+                                                                 cfg.run.eval_batches)})
+        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < total_steps:
+            save(step)
+        if preemption.requested():
+            path = save(step)
+            logger.event("preempted", step=step, signal=preemption.signal_name or "peer", checkpoint=path.name)
+            exit_code = EXIT_REQUEUE
+            break
+
+    # ---------------------------------------------------------------- evaluate
+    results = {}
+    if exit_code == 0:
+        save(step)
+        if data.validation is not None:
+            logger.log(step, {"val/loss": engine.validation_loss(ddp, data.validation, plan, info.dp_rank, seq,
+                                                                 cfg.run.eval_batches)})
+        if cfg.eval.enabled and cfg.data.test:
+            test = load_records(cfg.data.test, cfg.data.format, cfg.data.on_bad_record, cfg.data.system_prompt)
+            module = ddp.module
+            results["adapted"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, label="adapted")
+            if trainable_only:
+                train_records = load_records(cfg.data.train, cfg.data.format, "skip", cfg.data.system_prompt)
+                shots = baseline_shots(train_records, cfg.eval.baseline_few_shot, cfg.run.seed)
+                with adapters_disabled(module):
+                    results["baseline"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, shots,
+                                                        label="prompt-only baseline")
+            summary = {f"eval/{k}_exact_match": v["exact_match"] for k, v in results.items()}
+            logger.update_summary(summary)
+
+    # ---------------------------------------------------------------- cleanup
+    if main_rank:
+        final = ckpt.latest_checkpoint(run_dir)
+        record = {"step": step, "total_steps": total_steps, "exit_code": exit_code, "tokens_seen": tokens_seen,
+                  "trainable_params": n_trainable, "base_params": spec.num_parameters(),
+                  "checkpoint": final.name if final else None,
+                  "checkpoint_bytes": _dir_bytes(final) if final else None,
+                  "base_checkpoint_bytes": _dir_bytes(Path(source.location)), "eval": results,
+                  "data": {"fingerprint": data.fingerprint["combined"], "stats": data.stats},
+                  "base_model_fingerprint": fingerprint, "layout": layout}
+        (run_dir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        _print_results(results, run_dir, record)
+    logger.close(exit_code)
+    preemption.restore()
+    runtime.shutdown()
+    return exit_code
+
+
+def _sum_over_model_parallel(n: int) -> int:
+    """Sum a per-rank count over the tensor- and pipeline-parallel ranks of one model replica."""
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([n], dtype=torch.int64)
+    if dist.get_world_size() > 1:
+        # Each DP replica holds a full copy; sum within one model-parallel group only.
+        dist.all_reduce(t, group=ps.get_model_parallel_group())
+    return int(t.item())
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def _dir_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _print_results(results: dict, run_dir: Path, record: dict) -> None:
+    for r in results.values():
+        print(f"{r['label']:>22}: exact match {r['exact_match']:.3f} ({r['correct']}/{r['n']})", flush=True)
+    if "adapted" in results and "baseline" in results and results["baseline"]["exact_match"] > 0:
+        ratio = results["adapted"]["exact_match"] / results["baseline"]["exact_match"]
+        print(f"{'improvement':>22}: {ratio:.1f}x the baseline", flush=True)
+    if record.get("checkpoint_bytes"):
+        print(f"{'checkpoint':>22}: {record['checkpoint_bytes'] / 2**20:.1f} MiB "
+              f"(base checkpoint {record['base_checkpoint_bytes'] / 2**20:.1f} MiB)", flush=True)
+    print(f"{'run directory':>22}: {run_dir}", flush=True)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="train (and evaluate) a recipe; resumes an existing run directory")
+    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batch_size=2")
+    p.set_defaults(func=lambda args: run(args.recipe, args.overrides))
+
