@@ -250,6 +250,7 @@ def _tokenize_split(path: str, cfg: DataConfig, tokenizer) -> tuple[dict[str, np
         "skipped_total": sum(rf.skipped.values()),
         "kept": len(kept_ids),
         "truncated": truncated,
+        "dropped": dropped_over_length + dropped_no_answer,
         "dropped_over_length": dropped_over_length,
         "dropped_no_answer": dropped_no_answer,
         "tokens": tokens,
@@ -286,7 +287,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     """Read, tokenize, pack and cache the training and validation splits.
 
     Per split, `stats` holds: `examples` (valid records), `skipped` (reason -> count) and
-    `skipped_total`, `kept`, `truncated`, `dropped_over_length`, `dropped_no_answer`, `tokens`
+    `skipped_total`, `kept`, `truncated`, `dropped` (= `dropped_over_length` + `dropped_no_answer`), `tokens`
     (non-pad tokens in rows), `answer_tokens` (positions with loss), `rows`, `packing_efficiency`
     (tokens / (rows * seq_length)), `example_tokens_max/mean` (before truncation), `format`, `file`
     and `fingerprint`.
@@ -339,7 +340,7 @@ def format_stats(name: str, stats: dict) -> str:
         E.g. `train: 2000 examples -> 2000 kept (3 truncated, 0 dropped, 1 skipped) in 160 rows,
         290,000 tokens (31,000 with loss), packing efficiency 88.5%`.
     """
-    dropped = stats["dropped_over_length"] + stats["dropped_no_answer"]
+    dropped = stats["dropped"]
     skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items())
     return (f"{name}: {stats['examples']} examples -> {stats['kept']} kept ({stats['truncated']} truncated, "
             f"{dropped} dropped, {stats['skipped_total']} skipped{': ' + skipped if skipped else ''}) in "

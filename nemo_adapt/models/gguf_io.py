@@ -7,6 +7,7 @@ we only rename tensors and undo llama.cpp's rotary permutation of the query/key 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -47,15 +48,24 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 def _reader(path: str | os.PathLike):
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
+    st = path.stat()
+    return _cached_reader(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_reader(path: str, size: int, mtime_ns: int):
+    # Parsing the metadata (49k tokenizer strings for SmolLM2) takes seconds; a file is opened by
+    # the preflight check, the model loader and the tokenizer, so parse it once per process.
+    # The key includes size and mtime, so a file replaced on disk is parsed again.
+    import gguf
+
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(path)
     except Exception as err:  # gguf raises ValueError/struct.error/OSError for bad files
-        raise CheckpointError(f"cannot read GGUF file {str(path)!r}: {err}") from err
+        raise CheckpointError(f"cannot read GGUF file {path!r}: {err}") from err
 
 
 def _field(reader, key: str, default=None):

@@ -9,6 +9,7 @@ the same loss and gradients at any TP/PP/DP split and micro-batch size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -172,8 +173,9 @@ def _attention_mask(batch: dict) -> torch.Tensor | None:
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    # output_tensor: per-token cross entropy [b, s]. Return the masked sum and the token count;
-    # Megatron divides gradients by the global count (calculate_per_token_loss).
+    # output_tensor: per-token cross entropy, [b, s] (all positions) or [1, n] (answer positions
+    # only; loss_mask is then all ones). Return the masked sum and the token count; Megatron
+    # divides gradients by the global count (calculate_per_token_loss).
     mask = loss_mask.float().reshape(-1)
     losses = output_tensor.float().reshape(-1)
     loss_sum = torch.sum(losses * mask)
@@ -182,14 +184,53 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+@contextlib.contextmanager
+def _without_output_layer(gpt):
+    # GPTModel returns the final-normed hidden states [s, b, h] when post_process is off.
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = True
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def forward_step(data_iterator: Iterator[dict], model):
-    """Megatron schedule callback: run one micro-batch through this stage."""
+    """Megatron schedule callback: run one micro-batch through this stage.
+
+    On the last stage, logits are computed only where the loss mask is set (answer tokens), not
+    at every position: for supervised fine-tuning most positions are prompt or padding, and the
+    vocabulary projection is a large share of the FLOPs (21% of SmolLM2-135M's). The loss is the
+    same; under sequence parallelism the hidden states are sequence-sharded, so the full
+    projection is used there.
+    """
     batch = next(data_iterator)
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device)
-    out = model(tokens, batch["position_ids"].to(device), _attention_mask(batch),
-                labels=batch["labels"].to(device))
-    return out, partial(_loss_func, batch["loss_mask"].to(device))
+    positions = batch["position_ids"].to(device)
+    mask = _attention_mask(batch)
+    loss_mask = batch["loss_mask"].to(device)
+    gpt = _unwrap(model)
+    if not gpt.post_process or gpt.config.sequence_parallel:
+        out = model(tokens, positions, mask, labels=batch["labels"].to(device))
+        return out, partial(_loss_func, loss_mask)
+    with _without_output_layer(gpt):
+        hidden = model(tokens, positions, mask)  # [s, b, h]
+    keep = loss_mask.transpose(0, 1) > 0  # [s, b]
+    if not bool(keep.any()):
+        # Nothing to learn in this micro-batch; keep the graph connected for the backward pass.
+        return (hidden.sum() * 0).reshape(1, 1), partial(_loss_func, torch.zeros(1, device=device))
+    selected = hidden[keep].unsqueeze(1)  # [n, 1, h]
+    labels = batch["labels"].to(device).transpose(0, 1)[keep].unsqueeze(0)  # [1, n]
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    logits, _ = gpt.output_layer(selected, weight=weight)
+    losses = gpt.compute_language_model_loss(labels, logits)  # [1, n]
+    return losses, partial(_loss_func, torch.ones_like(losses))
 
 
 def run_schedule(ddp_model, microbatches: list[dict], seq_length: int, micro_batch_size: int,

@@ -108,4 +108,6 @@ def test_builds_as_packed_training_data(tmp_path):
     s = build_datasets(cfg, tok, seed=0).stats["train"]
     assert s["kept"] == 200 and s["truncated"] == s["skipped_total"] == 0
     assert s["packing_efficiency"] > 0.9
-    assert s["answer_tokens"] == 200 * 11  # "team: ...; priority: Pn" and <|im_end|>, all the same length
+    # loss falls on each answer and its <|im_end|>, nothing else
+    answers = [r.answer for r in load_records(COMMITTED / "validation.jsonl")]
+    assert s["answer_tokens"] == sum(len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers)
