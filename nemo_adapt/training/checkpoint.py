@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -138,6 +139,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, trainabl
     dist_checkpointing.save(sharded, str(tmp / "dist"))
     save_file(_rng_state(), str(tmp / "rng" / f"rank_{dist.get_rank():05d}.safetensors"))
     dist.barrier()
+    _fault("during_checkpoint", state.step)
     if rank0:
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
@@ -149,7 +151,26 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, trainabl
         for old in complete[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+    _fault("after_checkpoint", state.step)
     return final
+
+
+def _fault(point: str, step: int) -> None:
+    """Fault injection for resume tests: NEMO_ADAPT_FAULT=<point>:<step> SIGKILLs the process there.
+
+    Points: `during_checkpoint` (shards written, checkpoint not yet committed) and
+    `after_checkpoint` (committed). SIGKILL, not an exception: nothing gets to clean up.
+    """
+    if os.environ.get("NEMO_ADAPT_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def read_state(path: Path) -> TrainState:
+    """The `TrainState` of a complete checkpoint (cheap: no tensors are read)."""
+    try:
+        return TrainState(**json.loads((path / "state.json").read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as err:
+        raise CheckpointError(f"cannot read {str(path / 'state.json')!r}: {err}") from err
 
 
 def load_checkpoint(path: Path, model, optimizer, trainable_only: bool, same_layout: bool) -> TrainState:
@@ -164,10 +185,7 @@ def load_checkpoint(path: Path, model, optimizer, trainable_only: bool, same_lay
     from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
 
-    try:
-        state = TrainState(**json.loads((path / "state.json").read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as err:
-        raise CheckpointError(f"cannot read {str(path / 'state.json')!r}: {err}") from err
+    state = read_state(path)
     model_sd = _model_sharded_state_dict(model, trainable_only)
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
     try:

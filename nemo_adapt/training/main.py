@@ -132,13 +132,14 @@ def run(recipe: str, overrides: list[str]) -> int:
 
     start_step, tokens_seen = 0, 0
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, ddp, optimizer, trainable_only, same_layout=False)
+        state = ckpt.read_state(latest)
         if state.base_model_fingerprint != fingerprint:
             raise ConfigError(f"checkpoint {str(latest)!r} was trained on base model {state.base_model_fingerprint}, "
                               f"but model.checkpoint is {fingerprint}")
-        same = state.layout == layout
-        if same:
-            ckpt.load_checkpoint(latest, ddp, optimizer, trainable_only, same_layout=True)
+        if state.peft_method != cfg.peft.method:
+            raise ConfigError(f"checkpoint {str(latest)!r} was trained with peft.method={state.peft_method!r}, "
+                              f"the recipe now says {cfg.peft.method!r}")
+        ckpt.load_checkpoint(latest, ddp, optimizer, trainable_only, same_layout=state.layout == layout)
         start_step, tokens_seen = state.step, state.tokens_seen
         if state.data_fingerprint != data.fingerprint["combined"] and main_rank:
             print(f"warning: training data changed since checkpoint {latest.name}", flush=True)
@@ -190,8 +191,16 @@ def run(recipe: str, overrides: list[str]) -> int:
 
     # ---------------------------------------------------------------- evaluate
     results = {}
+    adapter_dir = None
     if exit_code == 0:
         save(step)
+        if trainable_only:
+            from nemo_adapt.artifacts.adapter import save_adapter
+
+            adapter_dir = save_adapter(ddp.module, run_dir / "adapter", cfg.peft, {
+                "base_model": spec.name, "base_checkpoint": source.location,
+                "base_model_fingerprint": fingerprint, "data_fingerprint": data.fingerprint["combined"],
+                "run": cfg.run.name, "step": step})
         if data.validation is not None:
             logger.log(step, {"val/loss": engine.validation_loss(ddp, data.validation, plan, info.dp_rank, seq,
                                                                  cfg.run.eval_batches)})
@@ -215,7 +224,9 @@ def run(recipe: str, overrides: list[str]) -> int:
                   "trainable_params": n_trainable, "base_params": spec.num_parameters(),
                   "checkpoint": final.name if final else None,
                   "checkpoint_bytes": _dir_bytes(final) if final else None,
-                  "base_checkpoint_bytes": _dir_bytes(Path(source.location)), "eval": results,
+                  "base_checkpoint_bytes": _dir_bytes(Path(source.location)),
+                  "base_fp32_bytes": 4 * spec.num_parameters(),
+                  "adapter_bytes": _dir_bytes(adapter_dir) if adapter_dir else None, "eval": results,
                   "data": {"fingerprint": data.fingerprint["combined"], "stats": data.stats},
                   "base_model_fingerprint": fingerprint, "layout": layout}
         (run_dir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -257,9 +268,13 @@ def _print_results(results: dict, run_dir: Path, record: dict) -> None:
     if "adapted" in results and "baseline" in results and results["baseline"]["exact_match"] > 0:
         ratio = results["adapted"]["exact_match"] / results["baseline"]["exact_match"]
         print(f"{'improvement':>22}: {ratio:.1f}x the baseline", flush=True)
+    if record.get("adapter_bytes"):
+        share = record["adapter_bytes"] / record["base_fp32_bytes"]
+        print(f"{'adapter':>22}: {record['adapter_bytes'] / 2**20:.1f} MiB = {100 * share:.1f}% of the base "
+              f"model in fp32 ({record['base_fp32_bytes'] / 2**20:.0f} MiB)", flush=True)
     if record.get("checkpoint_bytes"):
-        print(f"{'checkpoint':>22}: {record['checkpoint_bytes'] / 2**20:.1f} MiB "
-              f"(base checkpoint {record['base_checkpoint_bytes'] / 2**20:.1f} MiB)", flush=True)
+        print(f"{'resume checkpoint':>22}: {record['checkpoint_bytes'] / 2**20:.1f} MiB (with optimizer state)",
+              flush=True)
     print(f"{'run directory':>22}: {run_dir}", flush=True)
 
 
