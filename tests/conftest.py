@@ -1,5 +1,6 @@
 """Shared fixtures: tiny checkpoints written by `transformers`, torchrun launcher, chat prompts."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,11 +32,34 @@ def torchrun(nproc: int, script: Path | str, *args: str, timeout: int = 600, env
     target = ["-m", str(script)[3:]] if str(script).startswith("-m ") else [str(script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *target, *args]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = _run_in_own_group(cmd, full_env, timeout)
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"torchrun {script} {' '.join(args)} failed ({proc.returncode}):\n{tail}")
     return proc
+
+
+def _run_in_own_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run a command in its own process group with output in files, then end whatever it left.
+
+    A rank killed with SIGKILL (the resume tests do that on purpose) leaves its helper processes
+    (e.g. dist_checkpointing's writer manager) behind; with pipes, waiting for their EOF would hang.
+    Everything in the group was started by this call, so ending the group ends only our processes.
+    """
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, code, out.read(), err.read())
 
 
 def write_tiny_hf_checkpoint(directory: Path, name: str = "tiny_qwen2", seed: int = 0) -> Path:

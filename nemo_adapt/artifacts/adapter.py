@@ -37,6 +37,10 @@ def _gather_full(param: torch.Tensor) -> torch.Tensor:
     dim = param.partition_dim
     parts = [torch.empty_like(param) for _ in range(tp)]
     dist.all_gather(parts, param.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    if getattr(param, "glu_interleaved", False):
+        # Each rank holds [gate shard; up shard]: regroup to [all gate rows; all up rows].
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
     return torch.cat(parts, dim=dim)
 
 

@@ -153,9 +153,12 @@ class ParallelAdapterPair(torch.nn.Module):
 class LoRALinear(torch.nn.Module):
     """A Megatron-Core parallel linear layer plus a LoRA update, same call signature and outputs."""
 
-    def __init__(self, base_layer: torch.nn.Module, kind: str, config: LoRAConfig, seed: int):
+    def __init__(self, base_layer: torch.nn.Module, kind: str, config: LoRAConfig, seed: int, glu: bool = False):
         super().__init__()
         self.base_layer = base_layer
+        # linear_fc1 of a gated MLP: each TP rank's output is [gate shard; up shard], so the rows of
+        # a column-parallel `up` follow that per-rank layout (see glu_interleaved below).
+        self.glu = glu and kind == "column"
         tp = _tp_size()
         in_f, out_f = full_in_out(base_layer, kind, tp)
         self.scale = config.alpha / config.rank
@@ -163,6 +166,8 @@ class LoRALinear(torch.nn.Module):
         self.kind = kind
         self.adapter = ParallelAdapterPair(kind, in_f, out_f, config.rank, base_layer.config, seed)
         mark_adapter(self.adapter)
+        if self.glu:
+            self.adapter.up.weight.glu_interleaved = True
         self.merged = False
         self.adapter_enabled = True
         if hasattr(base_layer, "return_layernorm_output"):
@@ -205,8 +210,19 @@ class LoRALinear(torch.nn.Module):
             self.merged = False
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Checkpoint layout for Megatron's dist_checkpointing (TP/PP-reshardable)."""
-        return children_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+        """Checkpoint layout for Megatron's dist_checkpointing (TP/PP-reshardable).
+
+        For a gated linear_fc1, the column-parallel `up` is stored as separate gate and up halves
+        (Megatron's swiglu factory, as for the base fc1 weight), so TP2 -> TP1 reshards correctly.
+        """
+        sd = children_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+        if self.glu:
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            key = f"{prefix}adapter.up.weight"
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets, singleton)
+        return sd
 
 
 @register_peft("lora")
@@ -223,7 +239,8 @@ class LoRA(PeftMethod):
         kind = linear_kind(module)
         if kind is None:
             return module
-        return LoRALinear(module, kind, self.config, name_seed(self.seed, name))
+        glu = leaf == "linear_fc1" and module.config.gated_linear_unit
+        return LoRALinear(module, kind, self.config, name_seed(self.seed, name), glu=glu)
 
     def validate_matches(self, matched):
         leaves = {m.rsplit(".", 1)[-1] for m in matched}

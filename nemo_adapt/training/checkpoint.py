@@ -192,7 +192,10 @@ def load_checkpoint(path: Path, model, optimizer, trainable_only: bool, same_lay
         loaded = dist_checkpointing.load(sharded, str(path / "dist"))
     except Exception as err:  # dist_checkpointing raises several error types for missing/mismatched shards
         raise CheckpointError(f"cannot load checkpoint {str(path)!r} into this model: {err}") from err
-    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    # Megatron's DDP wrapper forwards load_state_dict without returning the key report.
+    target = getattr(model, "module", model)
+    state_dict = {k.removeprefix("module."): v for k, v in loaded["model"].items()}
+    missing, unexpected = target.load_state_dict(state_dict, strict=False)
     if unexpected:
         raise CheckpointError(f"checkpoint {str(path)!r} has parameters this model lacks: {unexpected[:3]}")
     optimizer.load_state_dict(loaded["optimizer"])
