@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -68,24 +67,18 @@ def save_adapter(model, out_dir: str | os.PathLike, peft_config: PeftConfig, met
     Returns:
         The artifact directory.
     """
-    from megatron.core import parallel_state as ps
     from safetensors.torch import load_file, save_file
 
-    out_dir = Path(out_dir).resolve()
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    state = adapter_state(model)
+    from nemo_adapt.parallel.staged_write import write_from_stages
+
+    state = adapter_state(model)  # a TP collective: every rank gathers, one per stage writes
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    pp_rank = ps.get_pipeline_model_parallel_rank()
-    if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+
+    def write_stage(tmp: Path, pp_rank: int, pp: int) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"stage{pp_rank:03d}.safetensors"))
-    dist.barrier()
-    if rank0:
+
+    def finish(tmp: Path) -> None:
         merged: dict[str, torch.Tensor] = {}
         for f in sorted(tmp.glob("stage*.safetensors")):
             merged.update(load_file(str(f)))
@@ -95,11 +88,8 @@ def save_adapter(model, out_dir: str | os.PathLike, peft_config: PeftConfig, met
                        "num_parameters": int(sum(v.numel() for v in merged.values())),
                        "num_tensors": len(merged)}
         (tmp / CONFIG).write_text(json.dumps(description, indent=2, default=str) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    dist.barrier()
-    return out_dir
+
+    return write_from_stages(out_dir, write_stage, finish)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:

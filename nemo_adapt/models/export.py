@@ -9,15 +9,14 @@ size, never on TP: a TP2 model exports byte-for-byte the same tensors as a TP1 m
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from nemo_adapt.models import hf
 from nemo_adapt.models.spec import ModelSpec
 from nemo_adapt.models.weights import megatron_to_hf
+from nemo_adapt.parallel.staged_write import write_from_stages
 
 
 def export_hf(model, spec: ModelSpec, out_dir: str | os.PathLike, tokenizer=None,
@@ -38,23 +37,14 @@ def export_hf(model, spec: ModelSpec, out_dir: str | os.PathLike, tokenizer=None
     """
     from megatron.core import parallel_state as ps
 
-    out_dir = Path(out_dir).resolve()
-    tmp = out_dir.with_name(f".{out_dir.name}.export-tmp")
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    # Gathering over TP is a collective: every rank does it, one rank per stage writes.
     tensors = megatron_to_hf(model, spec, ps.get_tensor_model_parallel_world_size(),
                              ps.get_tensor_model_parallel_group())
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-        hf.write_shard(tmp, pp_rank, pp, tensors, dtype)
-    dist.barrier()
-    if rank0:
-        hf.write_metadata(tmp, spec, pp, dtype)
+
+    def finish(tmp: Path) -> None:
+        hf.write_metadata(tmp, spec, ps.get_pipeline_model_parallel_world_size(), dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        hf.replace_dir(tmp, out_dir)
-    dist.barrier()
-    return out_dir
+
+    return write_from_stages(out_dir, lambda tmp, pp_rank, pp: hf.write_shard(tmp, pp_rank, pp, tensors, dtype),
+                             finish)

@@ -100,9 +100,28 @@ def test_checkpoint_resumes_at_another_layout(tmp_path, tiny_data, cache_env, sa
 
 
 def test_peft_checkpoint_holds_only_adapter_and_artifact_describes_it(tmp_path, tiny_data, cache_env):
+    """A real run: adapter artifact, slim resume checkpoint, and the offline W&B run holding
+    exactly the values metrics.jsonl holds, plus the resolved config."""
     import json
 
-    run_dir, _ = _run(tmp_path, "art", tiny_data, cache_env, run={"max_steps": 2})
+    from nemo_adapt.logging.wandb_offline import read_offline_run
+    from tests.conftest import read_metrics
+
+    env = {**cache_env, "WANDB__DISABLE_STATS": "true", "WANDB__DISABLE_META": "true", "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    run_dir, _ = _run(tmp_path, "art", tiny_data, env, run={"max_steps": 2},
+                      logging={"wandb_mode": "offline"})
+    wb = read_offline_run(run_dir)
+    assert wb.config["peft"]["rank"] == 4 and wb.config["model"]["checkpoint"] == "random:tiny_llama"
+    history: dict[int, dict] = {}
+    for row in wb.history:
+        history.setdefault(row["_step"], {}).update(row)
+    logged = [m for m in read_metrics(run_dir) if "train/loss" in m or "val/loss" in m]
+    assert len(logged) >= 3
+    for m in logged:
+        for key, value in m.items():
+            if key not in ("step", "time"):
+                assert history[m["step"]][key] == value, f"step {m['step']} {key}"
     cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft"]["method"] == "lora" and cfg["peft"]["rank"] == 4
     assert cfg["base_model"] == "tiny_llama" and cfg["base_model_fingerprint"].startswith("tiny_llama@")
