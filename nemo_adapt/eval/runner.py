@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import torch.distributed as dist
-
 from nemo_adapt.config.schema import EvalConfig
 from nemo_adapt.eval.task import baseline_messages, exact_match, few_shot_messages
 from nemo_adapt.generation.generate import SamplingParams, generate
@@ -73,7 +71,3 @@ def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, sh
 def baseline_shots(train_records: Sequence, k: int, seed: int) -> list[dict]:
     """Few-shot turns for the prompt-only baseline (empty when k == 0)."""
     return few_shot_messages(list(train_records), k, seed) if k else []
-
-
-def is_main_rank() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0

@@ -59,7 +59,7 @@ def run(args) -> int:
     runtime.initialize(runtime.ParallelLayout(tensor=args.tensor_parallel, pipeline=args.pipeline_parallel),
                        seed=args.seed)
     try:
-        model, source = load_model(args.checkpoint, source.spec)
+        model, source = load_model(source)
         spec = source.spec
         eos = {i for i in (spec.eos_token_id, tok.eos_token_id) if i is not None}
         outputs = generate(model, ids, params, eos, spec.vocab_size, spec.hidden_size,

@@ -179,24 +179,14 @@ def forward_logits(model, tokens: torch.Tensor, vocab_size: int, hidden_size: in
 
     Returns the logits on the last pipeline stage and None on the others.
     """
-    from megatron.core import parallel_state as ps
 
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
-    dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     try:
-        first = ps.is_pipeline_first_stage()
-        if not first:
-            hidden = torch.empty((s, b, hidden_size), dtype=dtype, device=tokens.device)
-            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(hidden)
-        out = model(tokens if first else None, positions, None, runtime_gather_output=True)
-        if not ps.is_pipeline_last_stage():
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-            return None
-        return out[..., :vocab_size].float()
+        out = _stage_forward(model, tokens, positions, None, (s, b, hidden_size), next(model.parameters()).dtype)
+        return None if out is None else out[..., :vocab_size].float()
     finally:
         if was_training:
             model.train()

@@ -35,7 +35,7 @@ def run(args) -> int:
     check_layout(source.spec, args.tensor_parallel, args.pipeline_parallel)
     runtime.initialize(runtime.ParallelLayout(tensor=args.tensor_parallel, pipeline=args.pipeline_parallel))
     try:
-        model, source = load_model(args.checkpoint, source.spec)
+        model, source = load_model(source)
         tok = load_tokenizer(source.tokenizer_path)
         out = export_hf(model, source.spec, args.output, tokenizer=tok, dtype=getattr(torch, args.dtype))
         if dist.get_rank() == 0:

@@ -173,8 +173,3 @@ def open_gguf(path: str | os.PathLike, spec: ModelSpec | None = None) -> tuple[M
     """
     src = GGUFSource(path, spec)
     return src.spec, src
-
-
-def chat_template(path: str | os.PathLike) -> str | None:
-    """The Jinja chat template stored in a GGUF file, if any."""
-    return _field(_reader(path), "tokenizer.chat_template")

@@ -184,7 +184,7 @@ class SafetensorsSource:
             self._handles[fname] = handle
             for key in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
                 self._where[key] = fname
-        missing = [n for n in self.shapes if n not in self._where and not self._optional(n)]
+        missing = [n for n in self.shapes if n not in self._where]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise CheckpointError(
@@ -200,9 +200,6 @@ class SafetensorsSource:
                     f"tensor {name!r} in {str(self.directory / self._where[name])!r} has shape {got}, "
                     f"model {spec.name!r} expects {shape}"
                 )
-
-    def _optional(self, name: str) -> bool:
-        return False
 
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self._where:

@@ -99,8 +99,9 @@ def base_fingerprint(source: CheckpointSource) -> str:
     return f"{source.spec.name}@{h.hexdigest()[:16]}"
 
 
-def load_model(checkpoint: str | os.PathLike, model: str | ModelSpec | None = None, options=None):
-    """Build this rank's `GPTModel` stage and fill it from `checkpoint`.
+def load_model(checkpoint: str | os.PathLike | CheckpointSource, model: str | ModelSpec | None = None,
+               options=None):
+    """Build this rank's `GPTModel` stage and fill it from `checkpoint` (a name or an opened source).
 
     Megatron's parallel state must be initialised; the TP/PP sizes are read from it and checked
     against the model before any weights are read.
@@ -113,7 +114,7 @@ def load_model(checkpoint: str | os.PathLike, model: str | ModelSpec | None = No
     from nemo_adapt.models.builder import BuildOptions, build_model, check_layout
     from nemo_adapt.models.weights import load_hf_into_megatron
 
-    source = open_source(checkpoint, model)
+    source = checkpoint if isinstance(checkpoint, CheckpointSource) else open_source(checkpoint, model)
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     check_layout(source.spec, tp, pp)

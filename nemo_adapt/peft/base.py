@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -157,10 +157,6 @@ def peft_config_class(name: str) -> type[PeftConfig]:
     """The typed config class of method `name` (`PeftConfig` for `none`)."""
     cls = get_peft_method(name)
     return PeftConfig if cls is None else cls.config_class
-
-
-def config_field_names(cls) -> list[str]:
-    return [f.name for f in fields(cls)]
 
 
 def apply_peft(model: torch.nn.Module, config: PeftConfig, seed: int = 0) -> PeftMethod | None:

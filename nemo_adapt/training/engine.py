@@ -291,15 +291,14 @@ def validation_loss(ddp_model, dataset, plan: BatchPlan, dp_rank: int, seq_lengt
     ddp_model.eval()
     try:
         per_rank = plan.global_batch_size // plan.data_parallel
-        n = len(dataset) - len(dataset) % plan.global_batch_size or len(dataset)
+        # Whole global batches only: pipeline p2p shapes assume full micro-batches (the trainer
+        # refuses a validation split smaller than one global batch).
+        n = len(dataset) - len(dataset) % plan.global_batch_size
         loss_sum = tokens = 0.0
         for b, start in enumerate(range(0, n, plan.global_batch_size)):
             if max_batches is not None and b >= max_batches:
                 break
-            idx = list(range(start, min(start + plan.global_batch_size, len(dataset))))
-            mine = idx[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-            if not mine:
-                continue
+            mine = list(range(start + dp_rank * per_rank, start + (dp_rank + 1) * per_rank))
             mbs = plan.micro_batch_size
             mb = [dataset.collate([dataset[i] for i in mine[j:j + mbs]]) for j in range(0, len(mine), mbs)]
             s, t = run_schedule(ddp_model, mb, seq_length, mbs, forward_only=True)

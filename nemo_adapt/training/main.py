@@ -109,9 +109,8 @@ def run(recipe: str, overrides: list[str]) -> int:
     seq = cfg.data.seq_length
 
     dtype = engine.resolve_dtype(cfg.train.precision)
-    model, source = load_model(cfg.model.checkpoint, source.spec,
-                               BuildOptions(params_dtype=dtype, sequence_parallel=p.sequence_parallel,
-                                            recompute=p.recompute))
+    options = BuildOptions(params_dtype=dtype, sequence_parallel=p.sequence_parallel, recompute=p.recompute)
+    model, source = load_model(source, options=options)
     spec = source.spec
     model.config.calculate_per_token_loss = True
     apply_peft(model, cfg.peft, seed=cfg.run.seed)
