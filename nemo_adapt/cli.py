@@ -22,6 +22,8 @@ _SUBCOMMANDS = {
     "export": "nemo_adapt.models.convert_cli",
     "plan": "nemo_adapt.planner.cli",
     "config": "nemo_adapt.config.cli",
+    "launch": "nemo_adapt.launch.cli",
+    "eval": "nemo_adapt.eval.cli",
 }
 
 

@@ -12,6 +12,24 @@ mcore=${NEMO_ADAPT_MCORE:-}
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 stamp=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${mcore:-pinned}
 
+# A real Slurm for tests/slurm (slurm/local/up.sh starts it): Debian's packages, installed only when
+# missing (a few seconds; nothing is started here). NEMO_ADAPT_SKIP_SLURM=1 skips this on machines
+# that cannot run apt; the Slurm tests then fail, they do not skip.
+slurm_missing=()
+for exe in slurmctld slurmd sbatch munged; do command -v "$exe" >/dev/null || slurm_missing+=("$exe"); done
+if [[ ${#slurm_missing[@]} -gt 0 && "${NEMO_ADAPT_SKIP_SLURM:-0}" != 1 ]]; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing Slurm and munge (missing: ${slurm_missing[*]}) ..." >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      slurmctld slurmd slurm-client munge >/dev/null
+  else
+    echo "setup.sh: ${slurm_missing[*]} missing and apt-get is not usable here (needs root on Debian);" \
+         "install slurmctld slurmd slurm-client munge, or set NEMO_ADAPT_SKIP_SLURM=1" >&2
+    exit 1
+  fi
+fi
+
 if [[ -f "$venv/.setup-stamp" && "$(cat "$venv/.setup-stamp")" == "$stamp" ]]; then
   exit 0
 fi

