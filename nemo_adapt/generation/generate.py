@@ -112,13 +112,20 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
     from megatron.core import parallel_state as ps
     from megatron.core.inference.contexts import StaticInferenceContext
 
+    from nemo_adapt.peft.virtual_tokens import virtual_token_count
+
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt must contain at least one token")
+    # Prompt tuning / p-tuning: n placeholder positions in front of each prompt; the first stage's
+    # embedding hook puts the virtual tokens there, so prefill includes them. They count as prompt.
+    n_virtual = virtual_token_count(model)
+    prompts = [[0] * n_virtual + list(p) for p in prompts]
     lengths = [len(p) for p in prompts]
     total = max(lengths) + params.max_new_tokens
     if max_sequence_length is not None and total > max_sequence_length:
+        extra = f" (including {n_virtual} virtual tokens)" if n_virtual else ""
         raise ConfigError(
-            f"longest prompt ({max(lengths)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+            f"longest prompt ({max(lengths)} tokens{extra}) + max_new_tokens ({params.max_new_tokens}) = {total} "
             f"exceeds the model's context of {max_sequence_length} tokens"
         )
     device = next(model.parameters()).device
@@ -177,16 +184,22 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
 def forward_logits(model, tokens: torch.Tensor, vocab_size: int, hidden_size: int) -> torch.Tensor | None:
     """Full-vocabulary logits [b, s, vocab] of one forward pass across the pipeline (no cache).
 
-    Returns the logits on the last pipeline stage and None on the others.
+    Returns the logits on the last pipeline stage and None on the others. With virtual tokens
+    (prompt tuning, p-tuning) they are prepended and the logits of `tokens`' positions returned.
     """
+    from nemo_adapt.peft.virtual_tokens import virtual_token_count
 
+    n_virtual = virtual_token_count(model)
+    if n_virtual:
+        tokens = torch.cat([torch.zeros(tokens.shape[0], n_virtual, dtype=tokens.dtype, device=tokens.device),
+                            tokens], dim=1)
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
     was_training = model.training
     model.eval()
     try:
         out = _stage_forward(model, tokens, positions, None, (s, b, hidden_size), next(model.parameters()).dtype)
-        return None if out is None else out[..., :vocab_size].float()
+        return None if out is None else out[:, n_virtual:, :vocab_size].float()
     finally:
         if was_training:
             model.train()

@@ -45,6 +45,8 @@ class PeftMethod:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[PeftConfig]] = PeftConfig
     paper: ClassVar[str] = ""
+    tokenizer = None
+    """The model's tokenizer, for methods initialised from text (set by `apply_peft`; may stay None)."""
 
     def __init__(self, config: PeftConfig):
         self.config = config
@@ -58,6 +60,16 @@ class PeftMethod:
 
     def validate_matches(self, matched: list[str]) -> None:
         """Called with the names `transform` changed; raise ConfigError if that is not enough."""
+
+    @classmethod
+    def check_recipe(cls, config: PeftConfig, recipe, spec) -> None:
+        """Raise ConfigError for recipe settings this method cannot run with (before anything is built).
+
+        Args:
+            config: this method's config.
+            recipe: the whole `RecipeConfig` (data, parallel, ... settings).
+            spec: the base model's `ModelSpec`.
+        """
 
     def apply(self, model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         """Freeze the base model and add this method's trainable parts, in place.
@@ -127,7 +139,7 @@ def register_peft(name: str):
 
 def _load_methods() -> None:
     # Importing a method module runs its @register_peft.
-    from nemo_adapt.peft import lora  # noqa: F401
+    from nemo_adapt.peft import adapter, dora, ia3, lora, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401
 
 
 def list_peft_methods() -> list[str]:
@@ -159,14 +171,16 @@ def peft_config_class(name: str) -> type[PeftConfig]:
     return PeftConfig if cls is None else cls.config_class
 
 
-def apply_peft(model: torch.nn.Module, config: PeftConfig, seed: int = 0) -> PeftMethod | None:
-    """Apply the method named by `config.method` to `model` (no-op for `none`)."""
+def apply_peft(model: torch.nn.Module, config: PeftConfig, seed: int = 0, tokenizer=None) -> PeftMethod | None:
+    """Apply the method named by `config.method` to `model` (no-op for `none`); `tokenizer` is
+    passed to methods that initialise from text."""
     cls = get_peft_method(config.method)
     if cls is None:
         for p in model.parameters():
             p.requires_grad_(True)
         return None
     method = cls(config)
+    method.tokenizer = tokenizer
     method.apply(model, seed)
     return method
 
@@ -175,7 +189,8 @@ def trainable_parameters(model: torch.nn.Module, unique: bool = False) -> int:
     """Number of trainable parameter elements held by this rank.
 
     With `unique`, parameters replicated over tensor-parallel ranks count on TP rank 0 only, so
-    summing over the TP and PP ranks of one replica gives the model's total.
+    summing over the TP and PP ranks of one replica gives the model's total; copies Megatron marks
+    `shared` (a tied output layer, the prefix-tuning MLP on later pipeline stages) are not counted.
     """
     tp_rank = 0
     if unique:
@@ -183,7 +198,8 @@ def trainable_parameters(model: torch.nn.Module, unique: bool = False) -> int:
 
         tp_rank = ps.get_tensor_model_parallel_rank()
     return sum(p.numel() for p in model.parameters()
-               if p.requires_grad and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False)))
+               if p.requires_grad and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+               and not (unique and getattr(p, "shared", False)))
 
 
 @contextlib.contextmanager

@@ -31,6 +31,9 @@ class LoRAConfig(PeftConfig):
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: list(LINEAR_TARGETS))
     """Which linear layers get adapters: any of linear_qkv, linear_proj, linear_fc1, linear_fc2."""
+    layers: list[int] | None = None
+    """Decoder layers (global, 0-based) that get adapters; None: all. Adapting only the upper layers
+    also skips the backward pass through the frozen lower ones (as HF PEFT's `layers_to_transform`)."""
 
     def __post_init__(self):
         check_positive("peft.rank", self.rank)
@@ -43,6 +46,12 @@ class LoRAConfig(PeftConfig):
             if t not in LINEAR_TARGETS:
                 raise ConfigError(f"peft.target_modules entry {t!r} is not a linear layer of the model; "
                                   f"allowed: {', '.join(LINEAR_TARGETS)}")
+        if self.layers is not None:
+            if not self.layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.layers):
+                raise ConfigError(f"peft.layers={self.layers!r} must be a non-empty list of layer indices >= 0 "
+                                  "(or null for every layer)")
+            if len(set(self.layers)) != len(self.layers):
+                raise ConfigError(f"peft.layers={self.layers!r} lists a layer twice")
 
 
 def children_sharded_state_dict(module, prefix, sharded_offsets, metadata) -> dict:
@@ -153,9 +162,13 @@ class ParallelAdapterPair(torch.nn.Module):
 class LoRALinear(torch.nn.Module):
     """A Megatron-Core parallel linear layer plus a LoRA update, same call signature and outputs."""
 
-    def __init__(self, base_layer: torch.nn.Module, kind: str, config: LoRAConfig, seed: int, glu: bool = False):
+    def __init__(self, base_layer: torch.nn.Module, kind: str, config: LoRAConfig, seed: int, glu: bool = False,
+                 layer_slot: tuple[int, int] | None = None):
         super().__init__()
         self.base_layer = base_layer
+        # (position, count) of this layer among the adapted layers when only some layers have
+        # adapters: checkpoints stack adapters over those layers only, not over all decoder layers.
+        self.layer_slot = layer_slot
         # linear_fc1 of a gated MLP: each TP rank's output is [gate shard; up shard], so the rows of
         # a column-parallel `up` follow that per-rank layout (see glu_interleaved below).
         self.glu = glu and kind == "column"
@@ -215,6 +228,9 @@ class LoRALinear(torch.nn.Module):
         For a gated linear_fc1, the column-parallel `up` is stored as separate gate and up halves
         (Megatron's swiglu factory, as for the base fc1 weight), so TP2 -> TP1 reshards correctly.
         """
+        if self.layer_slot is not None and sharded_offsets and sharded_offsets[0][0] == 0:
+            # Megatron stacks per-layer tensors along a prepended axis (0, global layer, num_layers).
+            sharded_offsets = ((0, *self.layer_slot), *sharded_offsets[1:])
         sd = children_sharded_state_dict(self, prefix, sharded_offsets, metadata)
         if self.glu:
             from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
@@ -232,17 +248,58 @@ class LoRA(PeftMethod):
     config_class = LoRAConfig
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685"
 
+    @classmethod
+    def check_recipe(cls, config, recipe, spec):
+        layers = config.layers
+        if layers is None:
+            return
+        bad = [i for i in layers if i >= spec.num_layers]
+        if bad:
+            raise ConfigError(f"peft.layers has {bad}, but {spec.name} has layers 0..{spec.num_layers - 1}")
+        pp = recipe.parallel.pipeline
+        first_stage = spec.num_layers // pp  # Megatron splits layers evenly over pipeline stages
+        if pp > 1 and min(layers) >= first_stage:
+            # Megatron's distributed checkpoint keeps the optimizer's common state (step count,
+            # parameter groups) from global rank 0 only, which sits on the first stage.
+            raise ConfigError(f"peft.layers={layers} puts no adapter on the first pipeline stage (layers "
+                              f"0..{first_stage - 1} at parallel.pipeline={pp}); include one of them or use "
+                              "parallel.pipeline=1")
+
+    def apply(self, model, seed=0):
+        layers = self.config.layers
+        num_layers = model.config.num_layers
+        if layers is not None and max(layers) >= num_layers:
+            bad = [i for i in layers if i >= num_layers]
+            raise ConfigError(f"peft.layers has {bad}, but the model's layers are 0..{num_layers - 1}")
+        return super().apply(model, seed)
+
     def transform(self, module, name):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf not in self.config.target_modules:
+        if leaf not in self.config.target_modules or not self._layer_selected(name):
             return module
         kind = linear_kind(module)
         if kind is None:
             return module
         glu = leaf == "linear_fc1" and module.config.gated_linear_unit
-        return LoRALinear(module, kind, self.config, name_seed(self.seed, name), glu=glu)
+        return LoRALinear(module, kind, self.config, name_seed(self.seed, name), glu=glu,
+                          layer_slot=self._layer_slot(name))
+
+    def _layer_slot(self, name: str) -> tuple[int, int] | None:
+        parts = name.split(".")
+        if self.config.layers is None or parts[:2] != ["decoder", "layers"]:
+            return None
+        chosen = sorted(self.config.layers)
+        return chosen.index(int(parts[2])), len(chosen)
+
+    def _layer_selected(self, name: str) -> bool:
+        parts = name.split(".")
+        if self.config.layers is None or parts[:2] != ["decoder", "layers"]:
+            return True
+        return int(parts[2]) in self.config.layers
 
     def validate_matches(self, matched):
+        if not matched and self.config.layers is not None:
+            return  # a pipeline stage that holds none of peft.layers has nothing to adapt
         leaves = {m.rsplit(".", 1)[-1] for m in matched}
         missing = [t for t in self.config.target_modules if t not in leaves]
         if missing:

@@ -37,6 +37,8 @@ PEFT_METHODS = ("none", "lora", "dora", "adapter", "ia3", "prompt_tuning", "ptun
 """Adaptation methods; `none` is full fine-tuning."""
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 """Megatron-Core linear layers LoRA/DoRA can wrap."""
+IA3_TARGETS = ("keys", "values", "ffn")
+"""Activations IA3 can rescale: keys and values (linear_qkv output), ffn (linear_fc2 input)."""
 _COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
 """Targets whose output dimension is split over TP (the rest split their input dimension)."""
 VOCAB_DIVISIBLE_BY = 128
@@ -170,15 +172,18 @@ def local_kv_heads(spec: ModelSpec, tp: int) -> int:
 
 _PEFT_DEFAULTS: dict[str, dict] = {
     "none": {},
-    "lora": {"rank": 16, "alpha": None, "target_modules": LORA_TARGETS},
-    "dora": {"rank": 16, "alpha": None, "target_modules": LORA_TARGETS},
+    "lora": {"rank": 16, "alpha": None, "target_modules": LORA_TARGETS, "layers": None},
+    "dora": {"rank": 16, "alpha": None, "target_modules": LORA_TARGETS, "layers": None},
     "adapter": {"bottleneck": 32, "placements": ("attention", "mlp"), "bias": True},
-    "ia3": {},
+    "ia3": {"targets": ("keys", "values", "ffn")},
     "prompt_tuning": {"num_virtual_tokens": 20},
-    "ptuning": {"num_virtual_tokens": 20, "encoder": "mlp", "encoder_hidden": None},
+    "ptuning": {"num_virtual_tokens": 20, "encoder": "mlp", "encoder_hidden": None, "encoder_layers": 2},
     "prefix_tuning": {"num_prefix_tokens": 20, "reparameterize": True, "reparam_hidden": 512},
 }
 """Per-method arguments and their defaults; `alpha` is accepted (it scales, it adds no parameters)."""
+
+PEFT_ALIASES = {"p_tuning": "ptuning"}
+"""Registered method names (`peft.method` in recipes) the planner knows under another key."""
 
 
 def normalize_peft_args(method: str, **method_args) -> dict:
@@ -194,6 +199,7 @@ def normalize_peft_args(method: str, **method_args) -> dict:
     Raises:
         ConfigError: unknown method, unknown argument or an invalid value (named in the message).
     """
+    method = PEFT_ALIASES.get(method, method)
     if method not in _PEFT_DEFAULTS:
         raise ConfigError(f"peft.method={method!r} is not supported; allowed: {', '.join(PEFT_METHODS)}")
     defaults = _PEFT_DEFAULTS[method]
@@ -204,7 +210,7 @@ def normalize_peft_args(method: str, **method_args) -> dict:
     args = dict(defaults)
     args.update({k: v for k, v in method_args.items() if v is not None})
     for key in ("rank", "bottleneck", "num_virtual_tokens", "num_prefix_tokens", "reparam_hidden",
-                "encoder_hidden"):
+                "encoder_hidden", "encoder_layers"):
         if key in args and args[key] is not None and (not isinstance(args[key], int) or args[key] < 1):
             raise ConfigError(f"peft.{key}={args[key]!r} must be a positive integer")
     if "target_modules" in args:
@@ -215,13 +221,25 @@ def normalize_peft_args(method: str, **method_args) -> dict:
                 f"peft.target_modules={list(targets)!r}: allowed targets are {', '.join(LORA_TARGETS)}"
             )
         args["target_modules"] = targets
+    if args.get("layers") is not None:
+        layers = args["layers"]
+        if not layers or any(not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) != len(layers):
+            raise ConfigError(f"peft.layers={list(layers)!r}: expected distinct layer indices >= 0")
+        args["layers"] = tuple(sorted(layers))
     if "placements" in args:
         placements = tuple(args["placements"])
         if not placements or any(p not in ("attention", "mlp") for p in placements):
             raise ConfigError(f"peft.placements={list(placements)!r}: allowed: attention, mlp")
         args["placements"] = placements
+    if "targets" in args:
+        targets = tuple(args["targets"])
+        if not targets or any(t not in IA3_TARGETS for t in targets) or len(set(targets)) != len(targets):
+            raise ConfigError(f"peft.targets={list(targets)!r}: allowed: {', '.join(IA3_TARGETS)} (each once)")
+        args["targets"] = targets
     if method == "ptuning" and args["encoder"] not in ("mlp", "lstm"):
         raise ConfigError(f"peft.encoder={args['encoder']!r}: allowed: mlp, lstm")
+    if method == "ptuning" and args["encoder"] == "mlp" and args["encoder_layers"] < 2:
+        raise ConfigError(f"peft.encoder_layers={args['encoder_layers']} is too few for encoder=mlp; allowed: >= 2")
     return args
 
 
@@ -288,11 +306,13 @@ def peft_param_breakdown(spec: ModelSpec, method: str, **method_args) -> PeftPar
     - `adapter` (Houlsby et al. 2019, arXiv:1902.00751): per placement (after attention and/or after the
       MLP) a down projection h x bn and an up projection bn x h: 2 * h * bn, plus biases bn + h when bias.
     - `ia3` (Liu et al. 2022, arXiv:2205.05638): scaling vectors on keys (g*d), values (g*d) and the FFN
-      intermediate activation (f): 2gd + f.
+      intermediate activation (f): 2gd + f with the default `targets` (keys, values, ffn).
     - `prompt_tuning` (Lester et al. 2021, arXiv:2104.08691): n_virtual * h, once per model.
-    - `ptuning` (Liu et al. 2021, arXiv:2103.10385): n_virtual * h, plus during training only a prompt
-      encoder: MLP h -> H -> h with biases (h*H + H + H*h + h), or a 2-layer bidirectional LSTM h -> H
-      (`lstm_params`) followed by a Linear 2H -> h with bias. H defaults to h.
+    - `ptuning` (Liu et al. 2021, arXiv:2103.10385; registered as `p_tuning`): n_virtual * h, plus during
+      training only a prompt encoder: an MLP of `encoder_layers` Linear layers h -> H -> ... -> h with
+      biases (h*H + H + (layers-2)*(H*H + H) + H*h + h; 2 layers by default, Hugging Face PEFT uses 3), or
+      an `encoder_layers`-layer bidirectional LSTM h -> H (`lstm_params`) followed by the head
+      Linear 2H -> 2H, ReLU, Linear 2H -> h (NeMo 1 and Hugging Face PEFT). H defaults to h.
     - `prefix_tuning` (Li & Liang 2021, arXiv:2101.00190): keys and values for every layer,
       2 * n_prefix * g * d per layer (GQA: prefixes live on the KV heads). With reparameterisation
       (default) training instead optimises an n_prefix x h embedding and an MLP h -> H -> 2*L*g*d with
@@ -310,18 +330,22 @@ def peft_param_breakdown(spec: ModelSpec, method: str, **method_args) -> PeftPar
         ConfigError: unknown method or argument.
     """
     args = normalize_peft_args(method, **method_args)
+    method = PEFT_ALIASES.get(method, method)
     L, h, d, f = spec.num_layers, spec.hidden_size, spec.kv_channels, spec.ffn_hidden_size
     g = spec.num_query_groups
     comps: dict[str, int] = {}
     training_only: dict[str, int] = {}
     if method in ("lora", "dora"):
         r = args["rank"]
+        n_layers = L if args["layers"] is None else len(args["layers"])  # `layers`: adapted subset
+        if args["layers"] is not None and max(args["layers"]) >= L:
+            raise ConfigError(f"peft.layers={list(args['layers'])}: {spec.name} has layers 0..{L - 1}")
         for target in args["target_modules"]:
             fan_in, fan_out = lora_target_shape(spec, target)
-            comps[f"{target}.lora_A"] = L * r * fan_in
-            comps[f"{target}.lora_B"] = L * r * fan_out
+            comps[f"{target}.lora_A"] = n_layers * r * fan_in
+            comps[f"{target}.lora_B"] = n_layers * r * fan_out
             if method == "dora":
-                comps[f"{target}.magnitude"] = L * fan_out
+                comps[f"{target}.magnitude"] = n_layers * fan_out
     elif method == "adapter":
         bn = args["bottleneck"]
         for placement in args["placements"]:
@@ -329,19 +353,19 @@ def peft_param_breakdown(spec: ModelSpec, method: str, **method_args) -> PeftPar
             if args["bias"]:
                 comps[f"adapter_{placement}.biases"] = L * (bn + h)
     elif method == "ia3":
-        comps["ia3.keys"] = L * g * d
-        comps["ia3.values"] = L * g * d
-        comps["ia3.ffn"] = L * f
+        widths = {"keys": g * d, "values": g * d, "ffn": f}
+        for target in args["targets"]:
+            comps[f"ia3.{target}"] = L * widths[target]
     elif method == "prompt_tuning":
         comps["virtual_tokens"] = args["num_virtual_tokens"] * h
     elif method == "ptuning":
         comps["virtual_tokens"] = args["num_virtual_tokens"] * h
         hid = args["encoder_hidden"] or h
         if args["encoder"] == "mlp":
-            training_only["encoder.mlp"] = (h * hid + hid) + (hid * h + h)
+            training_only["encoder.mlp"] = (h * hid + hid) + (args["encoder_layers"] - 2) * (hid * hid + hid) + (hid * h + h)
         else:
-            training_only["encoder.lstm"] = lstm_params(h, hid, num_layers=2, bidirectional=True)
-            training_only["encoder.head"] = 2 * hid * h + h
+            training_only["encoder.lstm"] = lstm_params(h, hid, num_layers=args["encoder_layers"], bidirectional=True)
+            training_only["encoder.head"] = (2 * hid * 2 * hid + 2 * hid) + (2 * hid * h + h)
     elif method == "prefix_tuning":
         n = args["num_prefix_tokens"]
         kv_width = 2 * L * g * d  # keys + values of every layer
@@ -430,7 +454,8 @@ def peft_rank_params(spec: ModelSpec, tp: int, peft: PeftParams) -> tuple[float,
     (r x in/t) and B replicated. DoRA's magnitude follows the output. Bottleneck adapters split the
     bottleneck (down column-parallel, up row-parallel, up-bias replicated). IA3 vectors and prefixes
     follow their heads/FFN columns. Prompt/p-tuning tables and encoders sit whole on the first stage;
-    the prefix-tuning reparameterisation MLP is replicated on every stage.
+    the prefix-tuning reparameterisation's embedding and first Linear are replicated on every rank, its
+    output Linear is split by layer and KV head like the prefixes.
     """
     key = (spec, tp)
     if key not in peft._rank_cache:
@@ -454,17 +479,26 @@ def _peft_rank_params(spec: ModelSpec, tp: int, peft: PeftParams) -> tuple[float
                 per_layer += r * fan_in + r * fan_out / tp + (fan_out / tp if m == "dora" else 0)
             else:
                 per_layer += r * fan_in / tp + r * fan_out + (fan_out if m == "dora" else 0)
+        if args["layers"] is not None:
+            # Spread over all layers: exact in total, an average per stage (adapters are ~1% of a stage).
+            per_layer *= len(args["layers"]) / spec.num_layers
     elif m == "adapter":
         bn = args["bottleneck"]
         for _ in args["placements"]:
             per_layer += 2 * h * bn / tp + ((bn / tp + h) if args["bias"] else 0)
     elif m == "ia3":
-        per_layer = 2 * kv_loc * d + f / tp
+        widths = {"keys": kv_loc * d, "values": kv_loc * d, "ffn": f / tp}
+        per_layer = sum(widths[t] for t in args["targets"])
     elif m in ("prompt_tuning", "ptuning"):
         first = float(peft.training_total)
     elif m == "prefix_tuning":
         if args["reparameterize"]:
-            every = float(peft.training_total)
+            # nemo_adapt.peft.prefix_tuning: the embedding n x h and the first Linear h -> H are shared
+            # by all layers, so replicated on every rank; each layer holds its rows of the output
+            # Linear (keys and values of its local KV heads, with biases), split over TP like the prefixes.
+            hid = args["reparam_hidden"]
+            every = float(args["num_prefix_tokens"] * h + h * hid + hid)
+            per_layer = 2 * kv_loc * d * (hid + 1)
         else:
             per_layer = 2 * args["num_prefix_tokens"] * kv_loc * d
     return per_layer, first, every

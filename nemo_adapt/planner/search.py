@@ -532,9 +532,10 @@ def _rank_key(c: Candidate) -> tuple:
 # --------------------------------------------------------------------------------------------------
 
 _PEFT_RECIPE_KEYS = {
-    "lora": ("rank", "alpha", "target_modules"), "dora": ("rank", "alpha", "target_modules"),
-    "adapter": ("bottleneck",), "ia3": (), "prompt_tuning": ("num_virtual_tokens",),
-    "ptuning": ("num_virtual_tokens",), "prefix_tuning": ("num_prefix_tokens",), "none": (),
+    "lora": ("rank", "alpha", "target_modules", "layers"), "dora": ("rank", "alpha", "target_modules", "layers"),
+    "adapter": ("bottleneck", "placements", "bias"), "ia3": ("targets",), "prompt_tuning": ("num_virtual_tokens",),
+    "ptuning": ("num_virtual_tokens",), "prefix_tuning": ("num_prefix_tokens", "reparameterize", "reparam_hidden"),
+    "p_tuning": ("num_virtual_tokens", "encoder", "encoder_hidden", "encoder_layers"), "none": (),
 }
 
 
@@ -565,8 +566,8 @@ def request_from_recipe(path: str | Path, *, gpu: str | None = None, nodes: int 
                         **request_kwargs) -> PlanRequest:
     """Build a PlanRequest from a recipe YAML, with command-line overrides.
 
-    Reads only: model.name; peft.method and its arguments (rank, alpha, target_modules, bottleneck,
-    num_virtual_tokens, num_prefix_tokens); parallel.{tensor, pipeline, virtual_pipeline, context,
+    Reads only: model.name; peft.method and its arguments (rank, alpha, target_modules, bottleneck, placements,
+    bias, targets, num_virtual_tokens, num_prefix_tokens); parallel.{tensor, pipeline, virtual_pipeline, context,
     sequence_parallel, distributed_optimizer, recompute}; data.seq_length;
     train.{global_batch_size, micro_batch_size, precision}; cluster.{gpu, nodes, gpus_per_node}.
     Everything else in the recipe is ignored.
@@ -594,8 +595,9 @@ def request_from_recipe(path: str | Path, *, gpu: str | None = None, nodes: int 
     if method not in _PEFT_RECIPE_KEYS:
         raise ConfigError(f"{path}: peft.method={method!r}; allowed: {', '.join(_PEFT_RECIPE_KEYS)}")
     peft_args = {k: peft[k] for k in _PEFT_RECIPE_KEYS[method] if peft.get(k) is not None}
-    if "target_modules" in peft_args:
-        peft_args["target_modules"] = tuple(peft_args["target_modules"])
+    for key in ("target_modules", "placements", "targets", "layers"):
+        if key in peft_args:
+            peft_args[key] = tuple(peft_args[key])
     train = _section(data, "train", path)
     cluster = _section(data, "cluster", path)
     data_sec = _section(data, "data", path)
@@ -612,6 +614,8 @@ def request_from_recipe(path: str | Path, *, gpu: str | None = None, nodes: int 
     seq = int(pick(seq_length, data_sec, "seq_length", "data.seq_length (--seq-len)"))
     gbs = int(pick(global_batch_size, train, "global_batch_size", "train.global_batch_size (--global-batch)"))
     prec = str(pick(precision, train, "precision", "train.precision", default="bf16"))
+    if prec == "auto":  # the trainer's `auto` is bf16 on a GPU, which is what the planner sizes
+        prec = "bf16"
     if prec not in PRECISIONS:
         raise ConfigError(f"{path}: train.precision={prec!r}; allowed: {', '.join(PRECISIONS)}")
 

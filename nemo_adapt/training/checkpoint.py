@@ -84,7 +84,14 @@ def _model_sharded_state_dict(model, trainable_only: bool) -> dict:
         data = getattr(value, "data", None)
         if isinstance(data, torch.nn.Parameter) and data.requires_grad:
             keep[key] = value
-    if not keep:
+    # A pipeline stage may legitimately hold none (prompt tuning trains only the first stage's
+    # virtual tokens); only a model with none on any stage is an error. All ranks get here together.
+    count = torch.tensor([len(keep)], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(count, group=ps.get_model_parallel_group())
+    if int(count.item()) == 0:
         raise CheckpointError("no trainable parameters found to checkpoint")
     return keep
 
@@ -114,6 +121,11 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         tracker.set_states({k: v.to(device) if device == "cuda" else v for k, v in tracked.items()})
 
 
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""The distributed optimizer's state is stored per parameter (gathered over DP on save), so a
+checkpoint resumes at another TP/PP/DP; Megatron's older default format no longer saves on 0.16+."""
+
+
 def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, trainable_only: bool,
                     keep_last: int) -> Path:
     """Write a checkpoint for `state.step` (all ranks call this) and prune old ones.
@@ -135,7 +147,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, trainabl
     dist.barrier()
 
     model_sd = _model_sharded_state_dict(model, trainable_only)
-    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)}
     dist_checkpointing.save(sharded, str(tmp / "dist"))
     save_file(_rng_state(), str(tmp / "rng" / f"rank_{dist.get_rank():05d}.safetensors"))
     dist.barrier()
@@ -187,22 +199,44 @@ def load_checkpoint(path: Path, model, optimizer, trainable_only: bool, same_lay
 
     state = read_state(path)
     model_sd = _model_sharded_state_dict(model, trainable_only)
-    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    _materialize_distributed_adam_state(optimizer)
+    sharded = {"model": model_sd,
+               "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)}
     try:
         loaded = dist_checkpointing.load(sharded, str(path / "dist"))
     except Exception as err:  # dist_checkpointing raises several error types for missing/mismatched shards
         raise CheckpointError(f"cannot load checkpoint {str(path)!r} into this model: {err}") from err
     # Megatron's DDP wrapper forwards load_state_dict without returning the key report.
     target = getattr(model, "module", model)
-    state_dict = {k.removeprefix("module."): v for k, v in loaded["model"].items()}
+    # A stage with nothing trainable (prompt tuning past the first stage) gets no "model" entry back.
+    state_dict = {k.removeprefix("module."): v for k, v in loaded.get("model", {}).items()}
     missing, unexpected = target.load_state_dict(state_dict, strict=False)
     if unexpected:
         raise CheckpointError(f"checkpoint {str(path)!r} has parameters this model lacks: {unexpected[:3]}")
-    optimizer.load_state_dict(loaded["optimizer"])
+    if model_sd:
+        optimizer.load_state_dict(loaded["optimizer"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.safetensors"
     if same_layout and rng_file.is_file():
         _set_rng_state(load_file(str(rng_file)))
     return state
+
+
+def _materialize_distributed_adam_state(optimizer) -> None:
+    """Create zero Adam state (step 0) for a distributed optimizer that has not stepped yet.
+
+    Megatron's DistributedOptimizer derives its checkpoint layout from the Adam state, which torch
+    creates lazily at the first step (Transformer Engine's fused Adam would create it up front); a
+    resumed run has not stepped, so the state is created here and the load then overwrites it.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if type(opt).__name__ != "DistributedOptimizer":
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
 
 
 def clean_interrupted(run_dir: Path) -> list[str]:

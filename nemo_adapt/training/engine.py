@@ -55,8 +55,12 @@ def connect_schedule_hooks(ddp_model, optimizer) -> None:
     and no grad sync between micro-batches of one step."""
     from megatron.core.distributed import finalize_model_grads
 
+    from nemo_adapt.peft.virtual_tokens import with_shared_grad_reduction
+
     config = ddp_model.config
-    config.finalize_model_grads_func = finalize_model_grads
+    # Prefix tuning's reparameterisation MLP is replicated on every TP x PP rank and each rank sees
+    # only its layers' and heads' share of its gradient: summed over that group first (no-op otherwise).
+    config.finalize_model_grads_func = with_shared_grad_reduction(finalize_model_grads, ddp_model)
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ddp_model.no_sync
 
@@ -209,7 +213,14 @@ def forward_step(data_iterator: Iterator[dict], model):
     same; under sequence parallelism the hidden states are sequence-sharded, so the full
     projection is used there.
     """
+    from nemo_adapt.peft.virtual_tokens import prepend_virtual_positions, virtual_token_count
+
     batch = next(data_iterator)
+    # Prompt tuning / p-tuning: n placeholder positions in front of every row, on every stage (the
+    # first stage's embedding hook fills them with the virtual tokens; they carry no loss).
+    n_virtual = virtual_token_count(model)
+    if n_virtual:
+        batch = prepend_virtual_positions(batch, n_virtual)
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device)
     positions = batch["position_ids"].to(device)
@@ -244,6 +255,10 @@ def run_schedule(ddp_model, microbatches: list[dict], seq_length: int, micro_bat
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from nemo_adapt.peft.virtual_tokens import virtual_token_count
+
+    # p2p shapes: virtual tokens (prompt tuning, p-tuning) lengthen every row on every stage.
+    seq_length += virtual_token_count(ddp_model)
     fb = get_forward_backward_func()
     losses = fb(forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp_model],
                 num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,

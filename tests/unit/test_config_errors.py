@@ -149,7 +149,7 @@ def test_non_string_key(tmp_path):
 def test_peft_key_of_another_method(tmp_path):
     path = write(tmp_path, "peft:\n  method: none\n  rank: 8\n")
     assert error(path) == (f"{path}:3: unknown key 'peft.rank' for peft.method='none'; "
-                           f"'rank' is a setting of peft.method lora")
+                           f"'rank' is a setting of peft.method dora / lora")
 
 
 def test_peft_key_typo_is_suggested(tmp_path):
@@ -160,12 +160,12 @@ def test_peft_key_typo_is_suggested(tmp_path):
 def test_peft_unknown_key_lists_the_method_keys(tmp_path):
     path = write(tmp_path, "peft:\n  method: lora\n  zzz: 8\n")
     assert error(path) == (f"{path}:3: unknown key 'peft.zzz' for peft.method='lora'; "
-                           f"peft.method='lora' has: method, rank, alpha, dropout, target_modules")
+                           f"peft.method='lora' has: method, rank, alpha, dropout, target_modules, layers")
 
 
 def test_peft_method_switched_by_override_says_so(recipe):
     assert error(recipe, ["peft.method=none"]) == (
-        f"{recipe}:6: unknown key 'peft.rank' for peft.method='none'; 'rank' is a setting of peft.method lora "
+        f"{recipe}:6: unknown key 'peft.rank' for peft.method='none'; 'rank' is a setting of peft.method dora / lora "
         f"(peft.method='none' comes from override 1 'peft.method=none')")
 
 

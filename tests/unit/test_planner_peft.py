@@ -87,7 +87,9 @@ def test_ptuning_mlp_encoder_is_training_only(spec):
 
 def test_ptuning_lstm_encoder_matches_torch(spec):
     lstm = torch.nn.LSTM(4096, 512, num_layers=2, bidirectional=True, device="meta")
-    head = torch.nn.Linear(2 * 512, 4096, device="meta")
+    # The head after the LSTM is NeMo 1's and Hugging Face PEFT's: Linear 2H -> 2H, ReLU, Linear 2H -> h.
+    head = torch.nn.Sequential(torch.nn.Linear(2 * 512, 2 * 512, device="meta"),
+                               torch.nn.Linear(2 * 512, 4096, device="meta"))
     assert lstm_params(4096, 512) == sum(p.numel() for p in lstm.parameters())
     parts = peft_param_breakdown(spec, "ptuning", encoder="lstm", encoder_hidden=512).training
     assert parts["encoder.lstm"] + parts["encoder.head"] == sum(

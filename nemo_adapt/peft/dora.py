@@ -1,0 +1,229 @@
+"""DoRA: Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation" (arXiv:2402.09353).
+
+The adapted weight is split into a magnitude and a direction,
+
+    W' = m * (W + s B A) / ||W + s B A||_c
+
+with ||.||_c the norm of each output row over the input dimension (one value per output feature),
+m a trainable vector initialised to ||W||_c (so W' = W at step 0, as B starts at zero) and s B A a
+LoRA update on the same targets as LoRA. The layer computes m / ||W + sBA||_c * (W x + s B A x) + b:
+the bias is not rescaled, and the base GEMM is the unchanged one (the adapted weight is never
+materialised, except to take its row norms). Dropout, when set, applies to the input of the B A
+branch only, as in LoRA.
+
+Tensor parallelism. The row norms need every input column of a row:
+
+* column-parallel targets (linear_qkv, linear_fc1) hold whole rows, so the norms of the local rows
+  are local, and m is split over TP like the output (for the fused SwiGLU fc1 in the per-rank
+  [gate shard; up shard] order, as LoRA's B);
+* row-parallel targets (linear_proj, linear_fc2) hold a slice of the input columns, so each rank
+  sums the squares of its columns and the sums are all-reduced over the TP group; m is replicated.
+
+By default the norm is treated as a constant in the backward pass, as the paper does (section 4.3,
+"we treat ||V + ΔV||_c as a constant") and Hugging Face PEFT does; `detach_norm: false` backpropagates
+through it (the replicated LoRA half's gradient from the norm is then all-reduced over TP, because
+each rank's norm depends only on its shard).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nemo_adapt.errors import ConfigError
+from nemo_adapt.peft.base import mark_adapter, name_seed, register_peft
+from nemo_adapt.peft.lora import LoRA, LoRAConfig, LoRALinear
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    """DoRA on Megatron-Core linear layers: LoRA's settings plus how the weight norm is differentiated."""
+
+    method: str = "dora"
+    """Registered method name."""
+    detach_norm: bool = True
+    """Treat ||W + sBA||_c as a constant in the backward pass (the paper's choice; saves memory)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.detach_norm, bool):
+            raise ConfigError(f"peft.detach_norm={self.detach_norm!r} must be true or false")
+
+
+def vector_sharded_state_dict(module: torch.nn.Module, prefix: str, sharded_offsets: tuple,
+                              tp_axes: dict[str, int]) -> dict:
+    """Megatron sharded state dict of a module's own parameters: the names in `tp_axes` are split over
+    TP along the given axis, the others are replicated over TP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    own = {name: p for name, p in module.named_parameters(recurse=False)}
+    return make_sharded_tensors_for_checkpoint(
+        own, prefix, tp_axes, sharded_offsets, tp_group=ps.get_tensor_model_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def mark_tp_sharded(param: torch.nn.Parameter, dim: int = 0) -> None:
+    """Tell Megatron (grad-norm, artifacts, counts) that `param` is split over TP along `dim`."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(param, True, dim, 1)
+
+
+class DoRAMagnitude(torch.nn.Module):
+    """The magnitude vector m (one entry per local output row) and its checkpoint layout."""
+
+    def __init__(self, init: torch.Tensor, sharded: bool, glu: bool, sequence_parallel: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(init.clone())
+        self.sharded = sharded
+        self.glu = glu
+        if sharded:
+            mark_tp_sharded(self.weight)
+            if glu:
+                self.weight.glu_interleaved = True
+        elif sequence_parallel:
+            # Replicated, but multiplies sequence-sharded activations: Megatron all-reduces its grad.
+            self.weight.sequence_parallel = True
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        sd = vector_sharded_state_dict(self, prefix, sharded_offsets, {"weight": 0} if self.sharded else {})
+        if self.glu:
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            key = f"{prefix}weight"
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets, singleton)
+        return sd
+
+
+class DoRALinear(LoRALinear):
+    """A Megatron-Core parallel linear layer with a DoRA update; same call signature and outputs."""
+
+    def __init__(self, base_layer: torch.nn.Module, kind: str, config: DoRAConfig, seed: int, glu: bool = False,
+                 layer_slot: tuple[int, int] | None = None):
+        super().__init__(base_layer, kind, config, seed, glu=glu, layer_slot=layer_slot)
+        self.detach_norm = config.detach_norm
+        with torch.no_grad():
+            norm = self._row_norm(base_layer.weight.float(), differentiable=False)
+        self.magnitude = DoRAMagnitude(norm.to(base_layer.weight.dtype), sharded=kind == "column", glu=self.glu,
+                                       sequence_parallel=base_layer.config.sequence_parallel)
+        mark_adapter(self.magnitude)
+        self._merged_norm: torch.Tensor | None = None
+
+    def _row_norm(self, weight: torch.Tensor, differentiable: bool) -> torch.Tensor:
+        """||weight||_c per output row of the full (unsharded) matrix, for this rank's rows."""
+        sq = (weight * weight).sum(dim=1)
+        if self.kind == "row":
+            from megatron.core import parallel_state as ps
+
+            if ps.get_tensor_model_parallel_world_size() > 1:
+                if differentiable:
+                    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+                    # Forward: sum over TP; backward: each rank's share gets the (replicated) grad.
+                    sq = reduce_from_tensor_model_parallel_region(sq)
+                else:
+                    sq = sq.clone()
+                    torch.distributed.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+        return sq.sqrt()
+
+    def _adapted_weight(self, differentiable: bool) -> torch.Tensor:
+        """W + s B A on this rank's shard."""
+        down, up = self.adapter.down.weight, self.adapter.up.weight
+        if differentiable and _tp_world() > 1:
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            # The replicated half enters each rank's norms with only that rank's rows (column) or
+            # columns (row): all-reduce its gradient from this path so every rank gets the full one.
+            if self.kind == "column":
+                down = copy_to_tensor_model_parallel_region(down)
+            else:
+                up = copy_to_tensor_model_parallel_region(up)
+        weight = self.base_layer.weight
+        return weight + (self.scale * (up @ down)).to(weight.dtype)
+
+    def magnitude_scale(self) -> torch.Tensor:
+        """m / ||W + sBA||_c for this rank's output rows (norms summed in fp32 whatever the weight dtype)."""
+        if self.detach_norm:
+            with torch.no_grad():
+                norm = self._row_norm(self._adapted_weight(False).float(), differentiable=False)
+        else:
+            norm = self._row_norm(self._adapted_weight(True).float(), differentiable=True)
+        return self.magnitude.weight.float() / norm
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out = self.base_layer(x, *args, **kwargs)
+        result, bias = out if isinstance(out, tuple) else (out, None)
+        adapter_in = x
+        if isinstance(result, tuple):  # TE layer-norm linear: (output, normed input)
+            result, adapter_in = result
+        if self.merged or not self.adapter_enabled:
+            return result, bias
+        # The base layer added its bias itself unless it returns it (skip_bias_add): take it out,
+        # rescale W x only, and put it back.
+        own_bias = getattr(self.base_layer, "bias", None)
+        added_bias = own_bias if bias is None and own_bias is not None and own_bias.numel() else None
+        if added_bias is not None:
+            result = result - added_bias
+        lora = self.scale * self.adapter(self._dropped(adapter_in))
+        y = self.magnitude_scale().to(result.dtype) * (result + lora)
+        if added_bias is not None:
+            y = y + added_bias
+        return y, bias
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout on the LoRA branch's input only (the base GEMM sees x), as in LoRALinear."""
+        if self.kind == "row" and self.training and not isinstance(self.dropout, torch.nn.Identity):
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+            with get_cuda_rng_tracker().fork():  # the input is split over TP: one mask per shard
+                return self.dropout(x)
+        return self.dropout(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Replace W by m (W + sBA) / ||W + sBA||_c (the norm is kept to undo it exactly)."""
+        if self.merged:
+            return
+        adapted = self._adapted_weight(False).float()
+        norm = self._row_norm(adapted, differentiable=False)
+        self._merged_norm = norm
+        factor = self.magnitude.weight.float() / norm
+        self.base_layer.weight.copy_((factor[:, None] * adapted).to(self.base_layer.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`: W = W' ||W + sBA||_c / m - sBA."""
+        if not self.merged:
+            return
+        factor = self._merged_norm / self.magnitude.weight.float()
+        delta = self.scale * self.adapter.delta_weight().float()
+        restored = factor[:, None] * self.base_layer.weight.float() - delta
+        self.base_layer.weight.copy_(restored.to(self.base_layer.weight.dtype))
+        self._merged_norm = None
+        self.merged = False
+
+
+def _tp_world() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size()
+
+
+@register_peft("dora")
+class DoRA(LoRA):
+    """DoRA (Liu et al. 2024) on any of linear_qkv, linear_proj, linear_fc1, linear_fc2."""
+
+    config_class = DoRAConfig
+    paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv:2402.09353"
+
+    def transform(self, module, name):
+        wrapped = super().transform(module, name)
+        if wrapped is module:
+            return module
+        # Build the DoRA layer instead of the LoRA one LoRA.transform chose (same targets, same seed).
+        return DoRALinear(module, wrapped.kind, self.config, name_seed(self.seed, name), glu=wrapped.glu,
+                          layer_slot=wrapped.layer_slot)

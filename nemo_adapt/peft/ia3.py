@@ -1,0 +1,207 @@
+"""IA3: Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning" (arXiv:2205.05638), section 3.3: (IA)^3, Infused Adapter by Inhibiting and Amplifying Inner
+Activations.
+
+Three learned vectors per layer rescale activations elementwise: l_k the keys, l_v the values (both
+of width g*d: one entry per channel of every KV head) and l_ff the FFN intermediate activation
+(width f, the input of linear_fc2). All start at one, so training starts at the base model.
+
+Megatron-Core layout. Keys and values are part of the fused linear_qkv output, laid out per KV
+group as [q heads of the group..., k, v]; the scaling vector of linear_qkv is therefore ones on the
+query rows and l_k / l_v on each group's key and value rows. Under tensor parallelism linear_qkv is
+column-parallel by whole KV groups and linear_fc2 row-parallel by FFN columns, so each rank holds
+exactly its groups' slice of l_k, l_v and its columns' slice of l_ff; no communication is added.
+
+Merge folds the vectors into the weights: rows of linear_qkv (and its bias) are scaled by the
+vector, columns of linear_fc2 by l_ff; unmerge divides them out again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nemo_adapt.errors import ConfigError
+from nemo_adapt.peft.base import PeftConfig, PeftMethod, mark_adapter, register_peft
+from nemo_adapt.peft.dora import mark_tp_sharded, vector_sharded_state_dict
+
+IA3_TARGETS = ("keys", "values", "ffn")
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """Learned rescaling of keys, values and FFN activations."""
+
+    method: str = "ia3"
+    """Registered method name."""
+    targets: list[str] = field(default_factory=lambda: list(IA3_TARGETS))
+    """Which activations get a vector: any of keys, values (linear_qkv output), ffn (linear_fc2 input)."""
+
+    def __post_init__(self):
+        if not isinstance(self.targets, (list, tuple)) or not self.targets:
+            raise ConfigError(f"peft.targets={self.targets!r} must be a non-empty list; "
+                              f"allowed entries: {', '.join(IA3_TARGETS)}")
+        for t in self.targets:
+            if t not in IA3_TARGETS:
+                raise ConfigError(f"peft.targets entry {t!r} is not an IA3 target; allowed: {', '.join(IA3_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"peft.targets={list(self.targets)!r} names a target twice")
+
+
+class IA3Vectors(torch.nn.Module):
+    """Scaling vectors of one layer's linear (this rank's shard), all split over TP along dim 0."""
+
+    def __init__(self, sizes: dict[str, int], dtype: torch.dtype):
+        super().__init__()
+        for name, n in sizes.items():
+            p = torch.nn.Parameter(torch.ones(n, dtype=dtype))
+            mark_tp_sharded(p)
+            self.register_parameter(name, p)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        return vector_sharded_state_dict(self, prefix, sharded_offsets, {n: 0 for n, _ in self.named_parameters()})
+
+
+class IA3QKV(torch.nn.Module):
+    """linear_qkv whose key and/or value rows are rescaled (same call signature and outputs)."""
+
+    def __init__(self, base_layer: torch.nn.Module, targets: list[str]):
+        super().__init__()
+        from megatron.core import parallel_state as ps
+
+        cfg = base_layer.config
+        tp = ps.get_tensor_model_parallel_world_size()
+        if cfg.num_query_groups is not None and cfg.num_query_groups < tp:
+            raise ConfigError(f"peft.method=ia3 on keys/values needs parallel.tensor <= the model's KV groups "
+                              f"({cfg.num_query_groups}); got parallel.tensor={tp}")
+        if getattr(cfg, "attention_output_gate", False):
+            raise ConfigError("peft.method=ia3 does not support attention with an output gate")
+        self.base_layer = base_layer
+        groups = cfg.num_query_groups or cfg.num_attention_heads
+        self.groups_local = groups // tp
+        self.q_per_group = cfg.num_attention_heads // groups
+        self.head_dim = cfg.kv_channels
+        self.targets = [t for t in ("keys", "values") if t in targets]
+        width = self.groups_local * self.head_dim
+        self.scaling = IA3Vectors({t: width for t in self.targets}, base_layer.weight.dtype)
+        mark_adapter(self.scaling)
+        self.merged = False
+        self.adapter_enabled = True
+
+    def row_scale(self) -> torch.Tensor:
+        """Per local output row: 1 on queries, l_k on keys, l_v on values ([g_local * (q/g + 2) * d])."""
+        g, d = self.groups_local, self.head_dim
+        dtype = self.base_layer.weight.dtype
+        ones = torch.ones(g, d, dtype=dtype, device=self.base_layer.weight.device)
+        key = self.scaling.keys.view(g, d) if "keys" in self.targets else ones
+        value = self.scaling.values.view(g, d) if "values" in self.targets else ones
+        query = torch.ones(g, self.q_per_group * d, dtype=dtype, device=ones.device)
+        return torch.cat([query, key, value], dim=1).reshape(-1)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out = self.base_layer(x, *args, **kwargs)
+        result, bias = out if isinstance(out, tuple) else (out, None)
+        extra = None
+        if isinstance(result, tuple):  # TE layer-norm linear returning (output, normed input)
+            result, extra = result
+        if not self.merged and self.adapter_enabled:
+            # The output includes the bias (Megatron adds it inside unless skip_bias_add): HF PEFT also
+            # scales k_proj(x) + b as a whole.
+            scale = self.row_scale()
+            result = result * scale
+            if bias is not None:
+                bias = bias * scale
+        if extra is not None:
+            result = (result, extra)
+        return result, bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Scale the weight rows (and bias) of linear_qkv by the vectors."""
+        if not self.merged:
+            self._apply(self.row_scale())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`."""
+        if self.merged:
+            self._apply(1 / self.row_scale())
+            self.merged = False
+
+    def _apply(self, scale: torch.Tensor) -> None:
+        self.base_layer.weight.mul_(scale[:, None].to(self.base_layer.weight.dtype))
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None and bias.numel():
+            bias.mul_(scale.to(bias.dtype))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        from nemo_adapt.peft.lora import children_sharded_state_dict
+
+        return children_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
+
+class IA3FFN(torch.nn.Module):
+    """linear_fc2 whose input (the FFN intermediate activation, TP-split by columns) is rescaled."""
+
+    def __init__(self, base_layer: torch.nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        # linear_fc2 is [h, f/t]: one entry per local input column.
+        self.scaling = IA3Vectors({"ffn": base_layer.weight.shape[1]}, base_layer.weight.dtype)
+        mark_adapter(self.scaling)
+        self.merged = False
+        self.adapter_enabled = True
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if not self.merged and self.adapter_enabled:
+            x = x * self.scaling.ffn
+        return self.base_layer(x, *args, **kwargs)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Scale the input columns of linear_fc2 by l_ff (its bias is added after the GEMM: unchanged)."""
+        if not self.merged:
+            self.base_layer.weight.mul_(self.scaling.ffn[None, :].to(self.base_layer.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`."""
+        if self.merged:
+            self.base_layer.weight.div_(self.scaling.ffn[None, :].to(self.base_layer.weight.dtype))
+            self.merged = False
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        from nemo_adapt.peft.lora import children_sharded_state_dict
+
+        return children_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
+
+@register_peft("ia3")
+class IA3(PeftMethod):
+    """IA3 (Liu et al. 2022): vectors on keys and values (linear_qkv) and on the input of linear_fc2."""
+
+    config_class = IA3Config
+    paper = ("Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than "
+             "In-Context Learning, arXiv:2205.05638")
+
+    def transform(self, module, name):
+        from nemo_adapt.peft.lora import linear_kind
+
+        leaf = name.rsplit(".", 1)[-1]
+        targets = self.config.targets
+        if leaf == "linear_qkv" and ("keys" in targets or "values" in targets) and linear_kind(module) == "column":
+            return IA3QKV(module, targets)
+        if leaf == "linear_fc2" and "ffn" in targets and linear_kind(module) == "row":
+            return IA3FFN(module)
+        return module
+
+    def validate_matches(self, matched):
+        leaves = {m.rsplit(".", 1)[-1] for m in matched}
+        needed = {"keys": "linear_qkv", "values": "linear_qkv", "ffn": "linear_fc2"}
+        missing = [t for t in self.config.targets if needed[t] not in leaves]
+        if missing:
+            raise ConfigError(f"peft.targets {missing} matched no module of the model (IA3 needs "
+                              f"{', '.join(sorted({needed[t] for t in missing}))}); allowed: {', '.join(IA3_TARGETS)}")

@@ -1,0 +1,129 @@
+"""P-tuning: Liu et al. 2021, "GPT Understands, Too" (arXiv:2103.10385).
+
+Like prompt tuning, n virtual tokens are prepended on the first pipeline stage, but during training
+they are the output of a prompt encoder applied to n trainable input embeddings: an MLP
+(h -> H -> ... -> h, ReLU) or a bidirectional LSTM followed by a two-layer MLP head (Linear 2H -> 2H,
+ReLU, Linear 2H -> h), the encoders of NeMo 1 and Hugging Face PEFT. The encoder couples the
+virtual tokens, which the paper found trains more stably than independent embeddings.
+
+`collapse()` (or `virtual_tokens.collapse(model)`) evaluates the encoder once and keeps only the
+resulting [n, h] table, so serving pays nothing for the encoder and saves n * h parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nemo_adapt.config.schema import check_choice, check_positive
+from nemo_adapt.peft.base import PeftConfig, PeftMethod, mark_adapter, name_seed, register_peft
+from nemo_adapt.peft.prompt_tuning import check_virtual_token_recipe
+from nemo_adapt.peft.virtual_tokens import VirtualPrompt, model_device, seeded
+
+ENCODERS = ("mlp", "lstm")
+
+
+@dataclass
+class PTuningConfig(PeftConfig):
+    """Virtual tokens produced by a trainable prompt encoder (collapsed to a table for inference)."""
+
+    method: str = "p_tuning"
+    """Registered method name."""
+    num_virtual_tokens: int = 20
+    """Virtual tokens n prepended to every sequence (the sequence grows to n + data.seq_length)."""
+    encoder: str = "mlp"
+    """Prompt encoder: `mlp` or `lstm` (bidirectional LSTM + two-layer MLP head)."""
+    encoder_hidden: int | None = None
+    """Encoder width H (None: the model's hidden size h, as Hugging Face PEFT)."""
+    encoder_layers: int = 2
+    """mlp: Linear layers (2: h -> H -> h as NeMo 1; Hugging Face PEFT uses 3); lstm: stacked LSTM layers."""
+
+    def __post_init__(self):
+        check_positive("peft.num_virtual_tokens", self.num_virtual_tokens)
+        check_choice("peft.encoder", self.encoder, ENCODERS)
+        if self.encoder_hidden is not None:
+            check_positive("peft.encoder_hidden", self.encoder_hidden)
+        check_positive("peft.encoder_layers", self.encoder_layers)
+        if self.encoder == "mlp" and self.encoder_layers < 2:
+            from nemo_adapt.errors import ConfigError
+
+            raise ConfigError(f"peft.encoder_layers={self.encoder_layers} is too few for encoder=mlp; "
+                              "allowed: 2 or more (input and output projections)")
+
+
+class PromptEncoder(torch.nn.Module):
+    """[n, h] input embeddings -> encoder -> [n, h] virtual tokens."""
+
+    def __init__(self, n: int, h: int, config: PTuningConfig):
+        super().__init__()
+        hid = config.encoder_hidden or h
+        self.kind = config.encoder
+        self.embedding = torch.nn.Parameter(torch.randn(n, h))  # N(0, 1), like torch.nn.Embedding
+        if self.kind == "mlp":
+            layers: list[torch.nn.Module] = [torch.nn.Linear(h, hid), torch.nn.ReLU()]
+            for _ in range(config.encoder_layers - 2):
+                layers += [torch.nn.Linear(hid, hid), torch.nn.ReLU()]
+            layers.append(torch.nn.Linear(hid, h))
+            self.mlp = torch.nn.Sequential(*layers)
+        else:
+            self.lstm = torch.nn.LSTM(h, hid, num_layers=config.encoder_layers, bidirectional=True, batch_first=True)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(2 * hid, 2 * hid), torch.nn.ReLU(),
+                                           torch.nn.Linear(2 * hid, h))
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding
+        if self.kind == "lstm":
+            x = self.lstm(x.unsqueeze(0))[0].squeeze(0)  # the n virtual tokens form one sequence
+        return self.mlp(x)
+
+
+class EncodedPrompt(VirtualPrompt):
+    """Virtual tokens from a `PromptEncoder` (training) or a static table after `collapse()`."""
+
+    def __init__(self, num_virtual_tokens: int, gpt, config: PTuningConfig, seed: int):
+        super().__init__(num_virtual_tokens, gpt)
+        self.encoder = None
+        if self.pre_process:
+            with seeded(seed):
+                encoder = PromptEncoder(num_virtual_tokens, gpt.config.hidden_size, config)
+            self.encoder = encoder.to(model_device(), gpt.config.params_dtype)
+            mark_adapter(self.encoder)
+
+    def table(self) -> torch.Tensor:
+        return self.prompt if self.encoder is None else self.encoder()
+
+    @torch.no_grad()
+    def collapse(self) -> bool:
+        """Replace the encoder with its output, a static [n, h] table (trainable, marked adapter)."""
+        if self.encoder is None:
+            return False
+        self.prompt = torch.nn.Parameter(self.encoder().detach().clone())
+        mark_adapter(self.prompt)
+        if self.sequence_parallel:
+            self.prompt.sequence_parallel = True
+        self.encoder = None
+        return True
+
+
+@register_peft("p_tuning")
+class PTuning(PeftMethod):
+    """P-tuning (Liu et al. 2021): virtual tokens from a trainable prompt encoder, first pipeline stage."""
+
+    config_class = PTuningConfig
+    paper = "Liu et al. 2021, GPT Understands, Too, arXiv:2103.10385"
+
+    @classmethod
+    def check_recipe(cls, config, recipe, spec) -> None:
+        check_virtual_token_recipe(config.num_virtual_tokens, recipe, spec)
+
+    def apply_model_level(self, model):
+        n = self.config.num_virtual_tokens
+        EncodedPrompt(n, model, self.config, name_seed(self.seed, "virtual_prompt")).attach(model)
+
+    @staticmethod
+    def collapse(model) -> int:
+        """Fold the prompt encoder into a static table (see `virtual_tokens.collapse`)."""
+        from nemo_adapt.peft.virtual_tokens import collapse
+
+        return collapse(model)

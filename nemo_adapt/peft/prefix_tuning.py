@@ -1,0 +1,241 @@
+"""Prefix tuning: Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation"
+(arXiv:2101.00190).
+
+Every attention layer gets n trainable keys and values that its queries attend before the
+sequence's own (GQA: one prefix per KV head, i.e. query group). Saved/served parameters:
+2 * L * n * g * d. Under TP each rank holds the prefixes of its own query groups (split over
+heads); under PP each layer's prefix lives on the stage that owns the layer.
+
+Reparameterisation (the paper's stabilising trick, default on): while training, the prefixes are
+MLP(E) with a trainable E [n, h] and an MLP h -> H (tanh) -> 2 * L * g * d. E and the first linear
+layer are shared by all layers, so they are replicated on every rank (gradients summed over the
+TP x PP group, see `virtual_tokens.with_shared_grad_reduction`); the output layer's rows belong to
+one layer and one KV head each, so each layer holds its own rows, split over TP like the prefixes.
+`collapse()` evaluates the MLP once and keeps only the prefixes.
+
+Prefix keys carry no rotary position (they are prepended after RoPE, as Hugging Face PEFT's
+`past_key_values`), never enter the KV cache, and are visible to every query, including every
+example of a packed row. See `virtual_tokens` for the shared rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nemo_adapt.config.schema import check_positive
+from nemo_adapt.errors import ConfigError
+from nemo_adapt.peft.base import PeftConfig, PeftMethod, mark_adapter, name_seed, register_peft
+from nemo_adapt.peft.virtual_tokens import mark_model_parallel_shared, model_device, seeded, sharded_params
+
+
+@dataclass
+class PrefixTuningConfig(PeftConfig):
+    """Trainable key/value prefixes in every attention layer."""
+
+    method: str = "prefix_tuning"
+    """Registered method name."""
+    num_prefix_tokens: int = 20
+    """Prefix length n: keys and values added in front of every layer's keys and values."""
+    reparameterize: bool = True
+    """Train the prefixes as MLP(embedding) (Li & Liang 2021) and collapse after; false: train them directly."""
+    reparam_hidden: int = 512
+    """Hidden width H of the reparameterisation MLP (Li & Liang use 512 for GPT-2)."""
+    init_std: float = 1.0
+    """Std of the normal init of the prefixes (reparameterize=false) or of the MLP's input embedding
+    (1.0 = torch.nn.Embedding's default, as Hugging Face PEFT)."""
+
+    def __post_init__(self):
+        check_positive("peft.num_prefix_tokens", self.num_prefix_tokens)
+        if not isinstance(self.reparameterize, bool):
+            raise ConfigError(f"peft.reparameterize={self.reparameterize!r} must be true or false")
+        check_positive("peft.reparam_hidden", self.reparam_hidden)
+        check_positive("peft.init_std", self.init_std, integer=False)
+
+
+class PrefixEncoder(torch.nn.Module):
+    """The shared part of the reparameterisation: tanh(Linear(E)), E [n, h] -> [n, H]."""
+
+    def __init__(self, n: int, h: int, hidden: int, std: float):
+        super().__init__()
+        self.embedding = torch.nn.Parameter(torch.randn(n, h) * std)
+        self.down = torch.nn.Linear(h, hidden)
+
+    def forward(self) -> torch.Tensor:
+        return torch.tanh(self.down(self.embedding))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Replicated on every TP and PP rank; pipeline stage 0 writes it."""
+        return sharded_params(self, prefix, sharded_offsets, pp_replicated=True)
+
+
+def prefix_attention_mask(attention_mask: torch.Tensor | None, n: int, sq: int, sk: int,
+                          device: torch.device) -> torch.Tensor:
+    """Megatron boolean mask (True = masked) [b or 1, 1, sq, n + sk] for n prefix keys + sk keys.
+
+    Prefix columns are never masked. Without a given mask the real keys are causal, aligned at the
+    end: query i is position sk - sq + i, which covers training and prefill (sq = sk) and KV-cache
+    decode steps (sq = 1, every cached key visible). A given mask (packed rows) is kept as is.
+    """
+    if attention_mask is None:
+        q = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
+        real = (torch.arange(sk, device=device).unsqueeze(0) > q).view(1, 1, sq, sk)
+    else:
+        real = attention_mask.to(torch.bool)
+    if n == 0:
+        return real
+    prefix = torch.zeros(*real.shape[:-1], n, dtype=torch.bool, device=real.device)
+    return torch.cat([prefix, real], dim=-1)
+
+
+class PrefixAttention(torch.nn.Module):
+    """A Megatron-Core core attention (local or Transformer Engine) with key/value prefixes."""
+
+    def __init__(self, base_layer: torch.nn.Module, config: PrefixTuningConfig, seed: int, encoder: PrefixEncoder | None):
+        super().__init__()
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+        from megatron.core.transformer.enums import AttnMaskType
+
+        self.base_layer = base_layer
+        self.adapter_enabled = True
+        mc = base_layer.config
+        tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        g, d, n = mc.num_query_groups, mc.kv_channels, config.num_prefix_tokens
+        gl = g // tp
+        self.n, self.groups, self.head_dim = n, gl, d
+        dtype, device = mc.params_dtype, model_device()
+        # Full (all-heads) tensors from a per-layer seed, then this rank's query groups: the same
+        # prefixes at every TP size.
+        gen = torch.Generator().manual_seed(seed)
+        self._encoder = [encoder] if encoder is not None else []  # a list: not a submodule of each layer
+        if encoder is None:
+            for name in ("prefix_key", "prefix_value"):
+                full = torch.randn(n, g, d, generator=gen) * config.init_std
+                p = torch.nn.Parameter(full[:, r * gl:(r + 1) * gl].to(device, dtype).contiguous())
+                set_tensor_model_parallel_attributes(p, True, 1, 1)
+                setattr(self, name, p)
+            self.tp_axes = {"prefix_key": 1, "prefix_value": 1}
+        else:
+            # This layer's rows of the MLP's output layer, H -> g*d for keys and for values, with
+            # torch.nn.Linear's default init U(-1/sqrt(H), 1/sqrt(H)).
+            hid = config.reparam_hidden
+            bound = hid ** -0.5
+            rows = slice(r * gl * d, (r + 1) * gl * d)
+            for name, shape in (("key_weight", (g * d, hid)), ("key_bias", (g * d,)),
+                                ("value_weight", (g * d, hid)), ("value_bias", (g * d,))):
+                full = (torch.rand(*shape, generator=gen) * 2 - 1) * bound
+                p = torch.nn.Parameter(full[rows].to(device, dtype).contiguous())
+                set_tensor_model_parallel_attributes(p, True, 0, 1)
+                setattr(self, name, p)
+            self.tp_axes = {"key_weight": 0, "key_bias": 0, "value_weight": 0, "value_bias": 0}
+        for name in self.tp_axes:
+            mark_adapter(getattr(self, name))
+        softmax = getattr(base_layer, "scale_mask_softmax", None)
+        if softmax is not None:
+            # Local attention: this wrapper always passes an explicit mask, which the softmax must
+            # use (its causal mode would build its own [s, s] mask, and a fused causal kernel
+            # ignores the mask).
+            softmax.attn_mask_type = AttnMaskType.padding
+
+    @property
+    def reparameterized(self) -> bool:
+        return bool(self._encoder)
+
+    def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's key and value prefixes, each [n, local query groups, head dim]."""
+        if not self.reparameterized:
+            return self.prefix_key, self.prefix_value
+        hidden = self._encoder[0]()  # [n, H]
+        shape = (self.n, self.groups, self.head_dim)
+        return (F.linear(hidden, self.key_weight, self.key_bias).view(shape),
+                F.linear(hidden, self.value_weight, self.value_bias).view(shape))
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **kwargs):
+        from megatron.core.transformer.enums import AttnMaskType
+
+        if packed_seq_params is not None:
+            raise NotImplementedError("prefix tuning does not support the THD packed-sequence format; "
+                                      "packed rows use the block-diagonal attention mask instead")
+        n = 0
+        if self.adapter_enabled:
+            pk, pv = self.prefixes()
+            n, b = pk.shape[0], key.shape[1]
+            key = torch.cat([pk.unsqueeze(1).expand(-1, b, -1, -1).to(key.dtype), key], dim=0)
+            value = torch.cat([pv.unsqueeze(1).expand(-1, b, -1, -1).to(value.dtype), value], dim=0)
+        mask = prefix_attention_mask(attention_mask, n, query.shape[0], key.shape[0] - n, query.device)
+        return self.base_layer(query, key, value, mask, attn_mask_type=AttnMaskType.arbitrary,
+                               attention_bias=attention_bias, packed_seq_params=None, **kwargs)
+
+    @torch.no_grad()
+    def collapse(self) -> bool:
+        """Replace the reparameterisation by its output: static prefixes (trainable, marked adapter)."""
+        from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+        if not self.reparameterized:
+            return False
+        k, v = self.prefixes()
+        for name in self.tp_axes:
+            delattr(self, name)
+        for name, t in (("prefix_key", k), ("prefix_value", v)):
+            p = torch.nn.Parameter(t.detach().clone())
+            set_tensor_model_parallel_attributes(p, True, 1, 1)
+            mark_adapter(p)
+            setattr(self, name, p)
+        self.tp_axes = {"prefix_key": 1, "prefix_value": 1}
+        self._encoder = []
+        return True
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Prefixes (or output rows) split over TP along the query groups; the base layer as before."""
+        sd = {}
+        if hasattr(self.base_layer, "sharded_state_dict"):
+            sd.update(self.base_layer.sharded_state_dict(prefix=f"{prefix}base_layer.",
+                                                         sharded_offsets=sharded_offsets, metadata=metadata))
+        sd.update(sharded_params(self, prefix, sharded_offsets, tp_axes=self.tp_axes, skip=("base_layer",)))
+        return sd
+
+
+@register_peft("prefix_tuning")
+class PrefixTuning(PeftMethod):
+    """Prefix tuning (Li & Liang 2021) on every self-attention layer's core attention."""
+
+    config_class = PrefixTuningConfig
+    paper = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190"
+
+    _encoder: PrefixEncoder | None = None
+
+    def _shared_encoder(self, mc) -> PrefixEncoder | None:
+        if not self.config.reparameterize:
+            return None
+        if self._encoder is None:
+            c = self.config
+            with seeded(name_seed(self.seed, "prefix_encoder")):
+                enc = PrefixEncoder(c.num_prefix_tokens, mc.hidden_size, c.reparam_hidden, c.init_std)
+            self._encoder = enc.to(model_device(), mc.params_dtype)
+            mark_adapter(self._encoder)
+        return self._encoder
+
+    def transform(self, module, name):
+        if not name.endswith("self_attention.core_attention") or isinstance(module, PrefixAttention):
+            return module
+        return PrefixAttention(module, self.config, name_seed(self.seed, name), self._shared_encoder(module.config))
+
+    def validate_matches(self, matched):
+        if not matched:
+            raise ConfigError("peft.method=prefix_tuning found no self_attention.core_attention module in the model")
+
+    def apply_model_level(self, model):
+        if self._encoder is not None:
+            model.prefix_encoder = self._encoder
+            mark_model_parallel_shared(self._encoder)
+
+    @staticmethod
+    def collapse(model) -> int:
+        """Fold the reparameterisation MLP into static prefixes (see `virtual_tokens.collapse`)."""
+        from nemo_adapt.peft.virtual_tokens import collapse
+
+        return collapse(model)
