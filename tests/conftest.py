@@ -146,7 +146,10 @@ def write_tiny_recipe(directory: Path, data: dict[str, Path], **sections) -> Pat
         "eval": {"enabled": False},
     }
     for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
+        if key == "peft" and value.get("method", "lora") != "lora":
+            recipe[key] = dict(value)  # another method: LoRA's settings would be unknown keys
+        else:
+            recipe[key] = {**recipe.get(key, {}), **value}
     path = directory / "recipe.yaml"
     path.write_text("# tiny_llama LoRA test recipe\n" + yaml.safe_dump(recipe))
     return path

@@ -159,6 +159,9 @@ class _TorchOnCpu(types.ModuleType):
         return getattr(torch, name)
 
 
+_ANSWERING_AS_CUDA = False
+
+
 @contextlib.contextmanager
 def _cpu_tensors_answer_as_cuda():
     """While active, `t.type()` of a CPU tensor names its CUDA type and `t.cuda()` returns `t`.
@@ -166,6 +169,10 @@ def _cpu_tensors_answer_as_cuda():
     Megatron asserts `param.grad.type() == 'torch.cuda.FloatTensor'` and calls `.cuda()` in a few
     functions; this is applied around exactly those calls (see install()).
     """
+    global _ANSWERING_AS_CUDA
+    if _ANSWERING_AS_CUDA:  # nested wrapped calls (DistributedOptimizer.__init__ -> its helpers)
+        yield
+        return
     orig_type, orig_cuda = torch.Tensor.type, torch.Tensor.cuda
 
     def type_(self, dtype=None, *args, **kwargs):
@@ -177,10 +184,12 @@ def _cpu_tensors_answer_as_cuda():
         return self
 
     torch.Tensor.type, torch.Tensor.cuda = type_, cuda_
+    _ANSWERING_AS_CUDA = True
     try:
         yield
     finally:
         torch.Tensor.type, torch.Tensor.cuda = orig_type, orig_cuda
+        _ANSWERING_AS_CUDA = False
 
 
 def _scoped(fn):
@@ -301,8 +310,38 @@ def install() -> bool:
     _wrap_attr(optimizer.MegatronOptimizer, "_get_model_and_main_params_data_float16")
     _wrap_attr(distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups")
     _wrap_attr(distrib_optimizer.DistributedOptimizer, "__init__")
+    # Gathers optimizer shards over DP for the `fully_reshardable` checkpoint format (`.cuda()`).
+    _wrap_attr(distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero")
+    _keep_torch_adam_step_out_of_shard_loads(distrib_optimizer.DistributedOptimizer)
     _INSTALLED = True
     return True
+
+
+def _keep_torch_adam_step_out_of_shard_loads(cls) -> None:
+    """Loading a distributed-optimizer checkpoint copies each saved state tensor into the live Adam
+    state, key by key. Without Transformer Engine or apex (always so on CPU) the optimizer is torch's
+    Adam, whose state also holds a per-parameter `step` that Megatron restores separately (from the
+    parameter groups) and never saves per shard; the copy then fails on the missing key. Hide `step`
+    during the copy."""
+    fn = cls.__dict__.get("_set_main_param_and_optimizer_states")
+    if fn is None or getattr(fn, "_nemo_adapt_cpu", False):
+        return
+
+    @functools.wraps(fn)
+    def wrapper(self, model_param, tensors):
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return fn(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            return fn(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    wrapper._nemo_adapt_cpu = True
+    cls._set_main_param_and_optimizer_states = wrapper
 
 
 _VIEW = _TorchOnCpu()

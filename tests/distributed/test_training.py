@@ -84,17 +84,21 @@ def test_exact_resume_after_sigkill_and_interrupted_checkpoint(tmp_path, tiny_da
     assert (run_dir / "restarts").read_text().strip() == "2"
 
 
-@pytest.mark.parametrize("saved,resumed", [((2, 1), (1, 1)), ((1, 2), (1, 1))], ids=["tp2-to-tp1", "pp2-to-pp1"])
-def test_checkpoint_resumes_at_another_layout(tmp_path, tiny_data, cache_env, saved, resumed):
+@pytest.mark.parametrize("saved,resumed,peft", [
+    ((2, 1), (1, 1), {}), ((1, 2), (1, 1), {}),
+    # Adapters on layers 1-3 of 0-3: the first PP stage holds one adapted layer, the second two.
+    ((1, 2), (1, 1), {"layers": [1, 2, 3]}),
+], ids=["tp2-to-tp1", "pp2-to-pp1", "pp2-to-pp1-upper-layers"])
+def test_checkpoint_resumes_at_another_layout(tmp_path, tiny_data, cache_env, saved, resumed, peft):
     """A checkpoint saved at TP2 (PP2) resumes at TP1 with the same next-step loss (1e-4)."""
     tp, pp = saved
     straight, _ = _run(tmp_path, "straight", tiny_data, cache_env, tp * pp,
-                       parallel={"tensor": tp, "pipeline": pp}, run={"max_steps": 4})
+                       parallel={"tensor": tp, "pipeline": pp}, run={"max_steps": 4}, peft=peft)
     first, _ = _run(tmp_path, "moved", tiny_data, cache_env, tp * pp,
-                    parallel={"tensor": tp, "pipeline": pp}, run={"max_steps": 3})
+                    parallel={"tensor": tp, "pipeline": pp}, run={"max_steps": 3}, peft=peft)
     tp2, pp2 = resumed
     _run(tmp_path, "moved", tiny_data, cache_env, tp2 * pp2, parallel={"tensor": tp2, "pipeline": pp2},
-         run={"max_steps": 4})
+         run={"max_steps": 4}, peft=peft)
     got, want = train_losses(first)[4], train_losses(straight)[4]
     assert abs(got - want) <= 1e-4, f"step 4 after moving layouts: {got} vs {want}"
 
@@ -132,3 +136,19 @@ def test_peft_checkpoint_holds_only_adapter_and_artifact_describes_it(tmp_path, 
     assert results["trainable_params"] == cfg["num_parameters"]
     # The resume checkpoint of a PEFT run holds adapter tensors and their optimizer state only.
     assert results["checkpoint_bytes"] < 4 * 4 * cfg["num_parameters"] + 2**20
+
+
+def test_full_finetuning_with_distributed_optimizer_matches_and_reshards(tmp_path, tiny_data, cache_env):
+    """Full fine-tuning, distributed optimizer at DP2 (Adam state sharded over the two ranks): the same
+    losses as DP1 without it (1e-4), and its checkpoint resumes at DP1 with the same next-step loss."""
+    full = {"method": "none"}
+    straight, _ = _run(tmp_path, "dp1", tiny_data, cache_env, 1, peft=full, run={"max_steps": 4})
+    sharded, _ = _run(tmp_path, "dp2", tiny_data, cache_env, 2, peft=full, run={"max_steps": 3},
+                      parallel={"distributed_optimizer": True})
+    want, got = train_losses(straight), train_losses(sharded)
+    for step in (1, 2, 3):
+        assert abs(got[step] - want[step]) <= 1e-4, f"step {step}: {got[step]} vs {want[step]}"
+    assert want[3] < want[1]
+    _run(tmp_path, "dp2", tiny_data, cache_env, 1, peft=full, run={"max_steps": 4},
+         parallel={"distributed_optimizer": True})
+    assert abs(train_losses(sharded)[4] - want[4]) <= 1e-4
