@@ -1,10 +1,11 @@
 """LoRA training throughput: nemo-adapt (Megatron-Core engine) vs Hugging Face transformers + peft.
 
-Same model (embedded SmolLM2-135M-Instruct, fp32, CPU), same LoRA (rank, alpha, all linear layers),
-same batches of triage examples (padded rows, loss on answer tokens), same AdamW step. Prints
-tokens/s (all positions) and non-padding tokens/s for both, and the ratio. Never fails on a time.
+Same model (embedded SmolLM2-135M-Instruct, fp32, CPU), same LoRA (rank, alpha, all linear layers
+of every layer or of the upper `--upper-layers` only), same batches of triage examples (padded rows,
+loss on answer tokens), same AdamW step. Prints tokens/s (all positions) and non-padding tokens/s for
+both, and the ratio. Never fails on a time.
 
-    .venv/bin/python bench/train_lora.py [--rank 16] [--batch 8] [--seq-length 256] [--steps 4]
+    .venv/bin/python bench/train_lora.py [--rank 16] [--batch 8] [--seq-length 256] [--steps 4] [--upper-layers 12]
 """
 
 import argparse
@@ -20,6 +21,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-length", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per side (after one warm-up step)")
+    ap.add_argument("--upper-layers", type=int, default=0,
+                    help="adapt only the last N decoder layers (0: all), as the main-job recipe does")
     args = ap.parse_args()
 
     import torch
@@ -48,7 +51,9 @@ def main():
     cfg = RecipeConfig()
     cfg.train.global_batch_size = cfg.train.micro_batch_size = args.batch
     model.config.calculate_per_token_loss = True
-    apply_peft(model, LoRAConfig(rank=args.rank, alpha=2 * args.rank), seed=0)
+    n_layers = model.config.num_layers
+    layers = list(range(n_layers - args.upper_layers, n_layers)) if args.upper_layers else None
+    apply_peft(model, LoRAConfig(rank=args.rank, alpha=2 * args.rank, layers=layers), seed=0)
     ddp = engine.wrap_ddp(model, cfg)
     opt = engine.build_optimizer(ddp, cfg)
     engine.connect_schedule_hooks(ddp, opt)
@@ -64,7 +69,7 @@ def main():
     hf = AutoModelForCausalLM.from_pretrained(str(src.tokenizer_path.parent), gguf_file=src.tokenizer_path.name,
                                               dtype=torch.float32)
     hf = get_peft_model(hf, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], layers_to_transform=layers))
     hf.train()
     hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
     theirs = []
@@ -85,7 +90,8 @@ def main():
 
     o, h = statistics.median(ours), statistics.median(theirs)
     nonpad = statistics.mean(real[1:])
-    print(f"LoRA r={args.rank} on all linear layers, SmolLM2-135M fp32, batch {args.batch} x {args.seq_length} "
+    where = f"the last {args.upper_layers} of {n_layers} layers" if layers else "every layer"
+    print(f"LoRA r={args.rank} on all linear layers of {where}, SmolLM2-135M fp32, batch {args.batch} x {args.seq_length} "
           f"({nonpad:.0f} non-padding tokens/step), torch threads {torch.get_num_threads()}, median of {args.steps}")
     print(f"  nemo-adapt (Megatron-Core)  {total / o:8.1f} tokens/s  {nonpad / o:8.1f} non-pad tokens/s  ({o:.2f} s/step)")
     print(f"  transformers + peft         {total / h:8.1f} tokens/s  {nonpad / h:8.1f} non-pad tokens/s  ({h:.2f} s/step)")

@@ -97,6 +97,10 @@ class DataConfig:
     """Malformed line, missing field or empty answer: `error` (names file and line) or `skip` (counted)."""
     system_prompt: str | None = None
     """System message added to prompt/completion examples (and to chats that have none)."""
+    replace_system_prompt: bool = False
+    """Use `system_prompt` in place of the records' own system messages, in training and in the adapted
+    model's evaluation; the prompt-only baseline keeps the records' instructions. Fine-tuning teaches
+    the instructions, so the adapted model can serve with a short prompt (fewer tokens per request)."""
     shuffle: bool = True
     """Shuffle training examples each epoch (deterministic for a seed)."""
     cache_dir: str | None = None
@@ -107,6 +111,9 @@ class DataConfig:
         check_positive("data.seq_length", self.seq_length)
         check_choice("data.over_length", self.over_length, ("truncate", "drop"))
         check_choice("data.on_bad_record", self.on_bad_record, ("error", "skip"))
+        if self.replace_system_prompt and self.system_prompt is None:
+            raise ConfigError("data.replace_system_prompt=true needs data.system_prompt (the text that replaces "
+                              "each record's system message)")
 
 
 @dataclass
@@ -254,6 +261,8 @@ class EvalConfig:
     """Generation budget per test example."""
     batch_size: int = 16
     """Prompts generated together."""
+    baseline: bool = True
+    """Also score the prompt-only baseline: the base model (adapters bypassed) given the instructions."""
     baseline_few_shot: int = 0
     """Training examples shown in the prompt-only baseline's prompt (0: instructions only)."""
     max_examples: int | None = None

@@ -202,7 +202,8 @@ def _settings(cfg: DataConfig) -> dict:
 def _tokenize_split(path: str, cfg: DataConfig, tokenizer) -> tuple[dict[str, np.ndarray], dict]:
     """Read, tokenize, apply the over-length policy and pack one split; arrays + stats."""
     rf = read_records(path, cfg.format, cfg.on_bad_record)
-    examples = tokenize_records(tokenizer, rf.records, cfg.system_prompt)
+    examples = tokenize_records(tokenizer, rf.records, cfg.system_prompt,
+                                replace_system_prompt=cfg.replace_system_prompt)
     seq = cfg.seq_length
     kept_ids: list[list[int]] = []
     kept_mask: list[list[int]] = []

@@ -24,7 +24,8 @@ import numpy as np
 
 PIPELINE_VERSION = 1
 """Bump when the row layout or tokenization logic changes, so old cache entries stop matching."""
-TOKENIZATION_SETTINGS = ("format", "seq_length", "packing", "over_length", "on_bad_record", "system_prompt")
+TOKENIZATION_SETTINGS = ("format", "seq_length", "packing", "over_length", "on_bad_record", "system_prompt",
+                         "replace_system_prompt")
 """DataConfig fields that change the tokenized rows, hence the fingerprint."""
 
 

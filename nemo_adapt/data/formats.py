@@ -73,19 +73,22 @@ class Record:
         """The reference answer: the content of the final assistant turn."""
         return self.messages[-1]["content"]
 
-    def with_system_prompt(self, system_prompt: str | None) -> Record:
-        """This record with `system_prompt` as its system message when it has none.
+    def with_system_prompt(self, system_prompt: str | None, replace: bool = False) -> Record:
+        """This record with `system_prompt` as its system message when it has none (or always, with `replace`).
 
         Args:
             system_prompt: the default system message; None leaves the record unchanged.
+            replace: put `system_prompt` in place of the record's own system message too.
 
         Returns:
-            The record, or a copy with the system message prepended.
+            The record, or a copy with the system message prepended or replaced.
         """
-        if system_prompt is None or self.messages[0]["role"] == "system":
+        has_system = self.messages[0]["role"] == "system"
+        if system_prompt is None or (has_system and not replace):
             return self
         system = {"role": "system", "content": system_prompt}
-        return Record(messages=(system, *self.messages), path=self.path, line=self.line)
+        rest = self.messages[1:] if has_system else self.messages
+        return Record(messages=(system, *rest), path=self.path, line=self.line)
 
 
 @dataclass
@@ -267,7 +270,7 @@ def read_records(path: str | os.PathLike, fmt: str = "auto", on_bad_record: str 
 
 
 def load_records(path: str | os.PathLike, fmt: str = "auto", on_bad_record: str = "error",
-                 system_prompt: str | None = None) -> list[Record]:
+                 system_prompt: str | None = None, replace_system_prompt: bool = False) -> list[Record]:
     """The valid records of a JSONL file, e.g. test examples for the evaluator.
 
     Each record's `.prompt` is the chat without the final assistant turn and `.answer` is the
@@ -278,6 +281,7 @@ def load_records(path: str | os.PathLike, fmt: str = "auto", on_bad_record: str 
         fmt: `auto`, `chat` or `prompt_completion`.
         on_bad_record: `error` or `skip` (see `read_records`).
         system_prompt: system message for records that have none (None: leave them as they are).
+        replace_system_prompt: use `system_prompt` in place of the records' own system messages too.
 
     Returns:
         The records in file order.
@@ -286,4 +290,4 @@ def load_records(path: str | os.PathLike, fmt: str = "auto", on_bad_record: str 
         DataError: as `read_records`.
     """
     rf = read_records(path, fmt, on_bad_record)
-    return [r.with_system_prompt(system_prompt) for r in rf.records]
+    return [r.with_system_prompt(system_prompt, replace_system_prompt) for r in rf.records]

@@ -163,7 +163,7 @@ def tokenize_chat(tokenizer, messages: Sequence[dict[str, str]], where: str = "a
 
 
 def tokenize_records(tokenizer, records: Sequence[Record], system_prompt: str | None,
-                     chunk: int = 256) -> list[TokenizedExample]:
+                     chunk: int = 256, replace_system_prompt: bool = False) -> list[TokenizedExample]:
     """Tokenize records in order, adding `system_prompt` to those without a system message.
 
     Args:
@@ -171,6 +171,7 @@ def tokenize_records(tokenizer, records: Sequence[Record], system_prompt: str | 
         records: validated records (see `formats.read_records`).
         system_prompt: default system message (None: the template's own default, if any).
         chunk: records whose texts go to the tokenizer in one batch call (amortises per-call cost).
+        replace_system_prompt: use `system_prompt` in place of the records' own system messages too.
 
     Returns:
         One tokenized example per record.
@@ -182,7 +183,7 @@ def tokenize_records(tokenizer, records: Sequence[Record], system_prompt: str | 
     for lo in range(0, len(records), chunk):
         plans = []
         for r in records[lo:lo + chunk]:
-            rec = r.with_system_prompt(system_prompt)
+            rec = r.with_system_prompt(system_prompt, replace_system_prompt)
             plans.append(_answer_spans(tokenizer, rec.messages, where=f"{r.path}:{r.line}"))
         texts = [t for full, spans in plans for t in _texts(full, spans)]
         encoded = _encode(tokenizer, texts)

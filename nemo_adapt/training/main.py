@@ -40,8 +40,10 @@ def preflight(cfg, world_size: int):
             raise ConfigError(f"data.{key}={path!r} does not exist (relative paths are from {os.getcwd()!r})")
         if path and not os.access(path, os.R_OK):
             raise ConfigError(f"data.{key}={path!r} is not readable")
-    get_peft_method(cfg.peft.method)
+    method = get_peft_method(cfg.peft.method)
     source = open_source(cfg.model.checkpoint, cfg.model.name)
+    if method is not None:
+        method.check_recipe(cfg.peft, cfg, source.spec)  # e.g. virtual tokens need room and no packing
     p = cfg.parallel
     check_layout(source.spec, p.tensor, p.pipeline, p.virtual_pipeline)
     model_parallel = p.tensor * p.pipeline * p.context
@@ -93,11 +95,6 @@ def run(recipe: str, overrides: list[str]) -> int:
     info = runtime.initialize(runtime.ParallelLayout(tensor=p.tensor, pipeline=p.pipeline,
                                                      sequence_parallel=p.sequence_parallel), seed=cfg.run.seed)
     main_rank = info.rank == 0
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_interrupted(run_dir)
-        save_resolved(cfg, run_dir / "config.yaml")
-    dist.barrier()
 
     tokenizer = load_tokenizer(source.tokenizer_path)
     # Rank 0 tokenizes and fills the cache; the others then read it (same fingerprint).
@@ -113,7 +110,7 @@ def run(recipe: str, overrides: list[str]) -> int:
     model, source = load_model(source, options=options)
     spec = source.spec
     model.config.calculate_per_token_loss = True
-    apply_peft(model, cfg.peft, seed=cfg.run.seed)
+    apply_peft(model, cfg.peft, seed=cfg.run.seed, tokenizer=tokenizer)
     n_trainable = _sum_over_model_parallel(trainable_parameters(model, unique=True))
     ddp = engine.wrap_ddp(model, cfg)
     optimizer = engine.build_optimizer(ddp, cfg)
@@ -142,6 +139,14 @@ def run(recipe: str, overrides: list[str]) -> int:
         start_step, tokens_seen = state.step, state.tokens_seen
         if state.data_fingerprint != data.fingerprint["combined"] and main_rank:
             print(f"warning: training data changed since checkpoint {latest.name}", flush=True)
+
+    # Only now, with data, model and any checkpoint validated, does the run directory come to exist:
+    # a bad input leaves nothing behind (and never touches an existing run's checkpoints).
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_interrupted(run_dir)
+        save_resolved(cfg, run_dir / "config.yaml")
+    dist.barrier()
 
     logger = RunLogger(cfg.logging, run_dir, cfg.run.name, config_to_dict(cfg), is_main=main_rank,
                        total_steps=total_steps, start_step=start_step)
@@ -204,14 +209,18 @@ def run(recipe: str, overrides: list[str]) -> int:
             logger.log(step, {"val/loss": engine.validation_loss(ddp, data.validation, plan, info.dp_rank, seq,
                                                                  cfg.run.eval_batches)})
         if cfg.eval.enabled and cfg.data.test:
-            test = load_records(cfg.data.test, cfg.data.format, cfg.data.on_bad_record, cfg.data.system_prompt)
+            d = cfg.data
+            # The adapted model is asked the way it was trained; the baseline gets the records' own
+            # instructions (they differ only with data.replace_system_prompt).
+            test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt)
             module = ddp.module
             results["adapted"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, label="adapted")
-            if trainable_only:
-                train_records = load_records(cfg.data.train, cfg.data.format, "skip", cfg.data.system_prompt)
+            if trainable_only and cfg.eval.baseline:
+                baseline_test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt)
+                train_records = load_records(d.train, d.format, "skip", d.system_prompt)
                 shots = baseline_shots(train_records, cfg.eval.baseline_few_shot, cfg.run.seed)
                 with adapters_disabled(module):
-                    results["baseline"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, shots,
+                    results["baseline"] = evaluate_task(module, tokenizer, spec, baseline_test, cfg.eval, shots,
                                                         label="prompt-only baseline")
             summary = {f"eval/{k}_exact_match": v["exact_match"] for k, v in results.items()}
             logger.update_summary(summary)

@@ -195,13 +195,14 @@ def test_fingerprint_and_cache_reuse(tmp_path, files, tok):
         "seq_length": cfg(tmp_path, train, seq_length=300),
         "system_prompt": cfg(tmp_path, train, system_prompt="You are terse."),
         "packing": cfg(tmp_path, train, packing=True),
+        "replace_system_prompt": cfg(tmp_path, train, system_prompt="You are terse.", replace_system_prompt=True),
     }
     prints = {first.fingerprint["train"]}
     for what, c in changes.items():
         ds = build_datasets(c, tok, seed=1)
         assert not ds.train.cache_hit, what
         prints.add(ds.fingerprint["train"])
-    assert len(prints) == 4
+    assert len(prints) == 5
     sys_ds = build_datasets(changes["system_prompt"], tok, seed=1)
     assert sys_ds.train.cache_hit and "You are terse." in tok.decode(sys_ds.train[0]["tokens"])
 
@@ -213,7 +214,7 @@ def test_fingerprint_and_cache_reuse(tmp_path, files, tok):
         f.write(json.dumps(chat(99)) + "\n")
     changed = build_datasets(cfg(tmp_path, train), tok, seed=1)
     assert not changed.train.cache_hit and changed.fingerprint["train"] not in prints
-    assert len(list(cache.glob("*.safetensors"))) == 6  # 1 train + 1 validation + 3 settings + 1 changed file
+    assert len(list(cache.glob("*.safetensors"))) == 7  # 1 train + 1 validation + 4 settings + 1 changed file
 
     # another chat template (or vocabulary) is another tokenizer: a new entry
     other_tok = copy.copy(tok)

@@ -119,3 +119,6 @@ def test_load_records_prompt_answer_and_system_prompt(tmp_path):
     pc = load_records(write_lines(tmp_path / "pc.jsonl", [GOOD_PC]), system_prompt="DEFAULT")[0]
     assert pc.prompt == [{"role": "system", "content": "DEFAULT"}, {"role": "user", "content": "2+2?"}]
     assert pc.answer == "4"
+    # replace_system_prompt: the short prompt stands in for the record's own instructions.
+    replaced = load_records(path, on_bad_record="skip", system_prompt="SHORT", replace_system_prompt=True)
+    assert [m["content"] for m in replaced[0].prompt] == ["SHORT", "a", "b", "c"] and replaced[0].answer == "d"
