@@ -126,6 +126,31 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 checkpoint resumes at another TP/PP/DP; Megatron's older default format no longer saves on 0.16+."""
 
 
+def _ignore_preemption_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _preemption_proof_write_queue() -> None:
+    """Start dist_checkpointing's result-queue manager ourselves, ignoring preemption signals.
+
+    Megatron spawns a multiprocessing Manager for its writer results at the first save and reuses it.
+    Slurm preempts by signalling every process of the step, and a spawned process does not inherit our
+    handler, so the manager would die and the very save the signal asked for would fail. Ignoring the
+    signals there leaves it to end with its parent (or to SIGKILL after Slurm's KillWait).
+    """
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_ignore_preemption_signals)
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._nemo_adapt_manager = manager  # keep it referenced for the process lifetime
+
+
 def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, trainable_only: bool,
                     keep_last: int) -> Path:
     """Write a checkpoint for `state.step` (all ranks call this) and prune old ones.
@@ -146,6 +171,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, trainabl
         (tmp / "rng").mkdir()
     dist.barrier()
 
+    _preemption_proof_write_queue()
     model_sd = _model_sharded_state_dict(model, trainable_only)
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)}
     dist_checkpointing.save(sharded, str(tmp / "dist"))

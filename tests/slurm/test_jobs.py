@@ -52,17 +52,20 @@ def test_preemption_checkpoints_requeues_and_resumes_same_run(slurm_cluster, tin
     run directory and the W&B run, which is one run throughout."""
     from nemo_adapt.logging.wandb_offline import read_offline_run
 
-    steps = 12
+    steps = 24
     overrides = [*data_overrides(tiny_data), f"run.max_steps={steps}", "logging.wandb_mode=offline"]
     run_dir = tmp_path / "preempted"
-    job = slurm_cluster.sbatch(TINY, *overrides, f"run.output_dir={run_dir}", options=("--nodes=1",), cwd=tmp_path)
+    # Tiny steps take milliseconds; pace them (1 s each, numerics unchanged) so the signals land mid-run.
+    paced = slurm_cluster.env(NEMO_ADAPT_MIN_STEP_SECONDS="1")
+    job = slurm_cluster.sbatch(TINY, *overrides, f"run.output_dir={run_dir}", options=("--nodes=1",), cwd=tmp_path,
+                               env=paced)
 
     wait_for_step(run_dir, 3, restarts=0)
     slurm_cluster.scancel("--signal=USR1", "--batch", job)
     # The requeued job resumes from the checkpoint written on the signal; signal again 2 steps later.
     wait_for_step(run_dir, 1, restarts=1)
     first = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[-1])
-    wait_for_step(run_dir, first + 2, restarts=1)
+    wait_for_step(run_dir, min(first + 2, steps - 1), restarts=1)
     # Preemption signals the job's tasks with SIGTERM (srun in the batch step is left out here: it answers
     # SIGTERM by killing the step, see docs/launch.md).
     slurm_cluster.scancel("--signal=TERM", job)
