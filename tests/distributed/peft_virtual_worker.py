@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.distributed.peft_cases import PeftCase, peft_config
+from tests.distributed.peft_battery_worker import build, logits, max_diff, recipe
+from tests.distributed.peft_cases import PeftCase
 
 SEQ, MBS, GBS, STEPS, SAVE_AFTER = 24, 2, 4, 3, 2
 PROMPTS = [[5, 17, 33, 9, 12], [40, 41, 42]]
@@ -93,44 +94,6 @@ def batches(step: int, packed: bool) -> list[dict]:
             rows["segment_ids"][i, n:] = 0
             rows["position_ids"][i, n:] = torch.arange(SEQ - n)
     return [{k: v[i:i + MBS] for k, v in rows.items()} for i in range(0, GBS, MBS)]
-
-
-def recipe(case, tp: int, pp: int):
-    from nemo_adapt.config.schema import RecipeConfig
-
-    cfg = RecipeConfig()
-    cfg.peft = peft_config(case)
-    cfg.parallel.tensor, cfg.parallel.pipeline = tp, pp
-    cfg.train.global_batch_size, cfg.train.micro_batch_size = GBS, MBS
-    cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps = 0.01, "constant", 0
-    return cfg
-
-
-def build(cfg):
-    """A fresh adapted model, its DDP wrapper and optimizer, and the base logits before the method."""
-    from nemo_adapt.models.loader import load_model
-    from nemo_adapt.peft.base import apply_peft
-    from nemo_adapt.training import engine
-
-    model, source = load_model("random:tiny_llama", "tiny_llama")
-    model.config.calculate_per_token_loss = True
-    base = logits(model, source.spec)
-    apply_peft(model, cfg.peft, seed=7)
-    ddp = engine.wrap_ddp(model, cfg)
-    optimizer = engine.build_optimizer(ddp, cfg)
-    engine.connect_schedule_hooks(ddp, optimizer)
-    return model, source.spec, ddp, optimizer, base
-
-
-def logits(model, spec):
-    from nemo_adapt.generation.generate import forward_logits
-
-    tokens = torch.tensor([PROMPTS[0] + PROMPTS[1]])
-    return forward_logits(model, tokens, spec.vocab_size, spec.hidden_size)
-
-
-def max_diff(a, b):
-    return None if a is None or b is None else float((a - b).abs().max())
 
 
 def model_parallel_sum(n: int) -> int:
