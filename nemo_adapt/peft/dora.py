@@ -154,11 +154,7 @@ class DoRALinear(LoRALinear):
         return self.magnitude.weight.float() / norm
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        out = self.base_layer(x, *args, **kwargs)
-        result, bias = out if isinstance(out, tuple) else (out, None)
-        adapter_in = x
-        if isinstance(result, tuple):  # TE layer-norm linear: (output, normed input)
-            result, adapter_in = result
+        result, bias, adapter_in = self._base_forward(x, *args, **kwargs)
         if self.merged or not self.adapter_enabled:
             return result, bias
         # The base layer added its bias itself unless it returns it (skip_bias_add): take it out,

@@ -190,12 +190,17 @@ class LoRALinear(torch.nn.Module):
             if hasattr(base_layer, "return_layernorm_output_gathered"):
                 base_layer.return_layernorm_output_gathered = False
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
+    def _base_forward(self, x: torch.Tensor, *args, **kwargs):
+        """The base layer's (output, bias, adapter input): TE's layer-norm linear also returns the normed input."""
         out = self.base_layer(x, *args, **kwargs)
         result, bias = out if isinstance(out, tuple) else (out, None)
         adapter_in = x
         if isinstance(result, tuple):  # TE layer-norm linear: (output, normed input)
             result, adapter_in = result
+        return result, bias, adapter_in
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        result, bias, adapter_in = self._base_forward(x, *args, **kwargs)
         if self.merged or not self.adapter_enabled:
             return result, bias
         if self.kind == "row" and self.training and not isinstance(self.dropout, torch.nn.Identity):
