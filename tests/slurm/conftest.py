@@ -40,6 +40,11 @@ class Cluster:
         env.update(extra)
         return env
 
+    def reference_env(self) -> dict:
+        """Environment for a plain torchrun reference run: the jobs' cache and thread count. The thread
+        count matters at the 1e-6 level: 2 intra-op threads sum matmul partials in another order than 1."""
+        return {"NEMO_ADAPT_CACHE": str(self.cache), "OMP_NUM_THREADS": self.env()["OMP_NUM_THREADS"]}
+
     def sbatch(self, script: str | Path, *args: str, options: tuple[str, ...] = (), cwd: Path, env: dict | None = None
                ) -> str:
         (cwd / "logs").mkdir(parents=True, exist_ok=True)
