@@ -37,7 +37,7 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None) -> dict:
     from nemo_adapt.artifacts.adapter import CONFIG, WEIGHTS, read_adapter_config
     from nemo_adapt.config import load_resolved
     from nemo_adapt.data.formats import load_records
-    from nemo_adapt.eval.runner import evaluate_task
+    from nemo_adapt.eval.runner import evaluate_task, write_predictions
     from nemo_adapt.models.builder import BuildOptions
     from nemo_adapt.models.loader import load_model, open_source
     from nemo_adapt.parallel import runtime
@@ -87,6 +87,7 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None) -> dict:
         result = evaluate_task(model, tokenizer, source.spec, records, eval_cfg, label="adapted")
     finally:
         runtime.shutdown()
+    result = write_predictions(result, run_dir / "predictions_eval.jsonl")
     result = {**result, "run_dir": str(run_dir), "adapter_step": meta.get("step")}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result

@@ -33,7 +33,9 @@ def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, sh
 
     Returns:
         {"label", "exact_match", "correct", "n", "seconds", "examples_per_s", "prompt_tokens_mean",
-         "samples": first 20 (prompt tail, prediction, reference, correct)}.
+         "samples": first 20 (prompt tail, prediction, reference, correct),
+         "predictions": every record's (file line, prediction, reference, correct), for
+         `write_predictions`}.
     """
     records = list(records)[: cfg.max_examples] if cfg.max_examples else list(records)
     prompts = [_prompt_ids(tokenizer, baseline_messages(shots, r.prompt) if shots else r.prompt) for r in records]
@@ -65,7 +67,28 @@ def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, sh
             {"prompt": r.prompt[-1]["content"][-200:], "prediction": p, "reference": r.answer, "correct": c}
             for r, p, c in list(zip(records, predictions, correct))[:20]
         ],
+        "predictions": [{"line": r.line, "prediction": p, "reference": r.answer, "correct": c}
+                        for r, p, c in zip(records, predictions, correct)],
     }
+
+
+def write_predictions(result: dict, path) -> dict:
+    """Write a result's per-record predictions as JSONL (one object per test record, in file order)
+    and return the result without them, for the compact `results.json`.
+
+    Args:
+        result: what `evaluate_task` returned.
+        path: target file (`predictions_<label>.jsonl` in the run directory).
+
+    Returns:
+        `result` minus "predictions", plus "predictions_file".
+    """
+    import json
+    from pathlib import Path
+
+    rows = result.get("predictions", [])
+    Path(path).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return {**{k: v for k, v in result.items() if k != "predictions"}, "predictions_file": str(path)}
 
 
 def baseline_shots(train_records: Sequence, k: int, seed: int) -> list[dict]:

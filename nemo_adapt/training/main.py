@@ -75,7 +75,7 @@ def run(recipe: str, overrides: list[str]) -> int:
     from nemo_adapt.config import config_to_dict, load_recipe, resolve_run_dir, save_resolved
     from nemo_adapt.data import build_datasets
     from nemo_adapt.data.formats import load_records
-    from nemo_adapt.eval.runner import baseline_shots, evaluate_task
+    from nemo_adapt.eval.runner import baseline_shots, evaluate_task, write_predictions
     from nemo_adapt.logging import RunLogger
     from nemo_adapt.models.builder import BuildOptions
     from nemo_adapt.models.loader import base_fingerprint, load_model
@@ -229,6 +229,8 @@ def run(recipe: str, overrides: list[str]) -> int:
                 with adapters_disabled(module):
                     results["baseline"] = evaluate_task(module, tokenizer, spec, baseline_test, cfg.eval, shots,
                                                         label="prompt-only baseline")
+            if main_rank:  # every record's prediction, for error analysis; results.json stays compact
+                results = {k: write_predictions(v, run_dir / f"predictions_{k}.jsonl") for k, v in results.items()}
             summary = {f"eval/{k}_exact_match": v["exact_match"] for k, v in results.items()}
             logger.update_summary(summary)
 

@@ -158,5 +158,10 @@ def test_prompt_tuning_recipe_trains_evaluates_and_exports(tmp_path, tiny_data, 
     assert sorted(train_losses(run_dir)) == [1, 2, 3]
     results = json.loads((run_dir / "results.json").read_text())
     assert {"adapted", "baseline"} <= set(results["eval"])
+    # Every test record's prediction is kept next to results.json, in test-file order.
+    for label in ("adapted", "baseline"):
+        rows = [json.loads(line) for line in (run_dir / f"predictions_{label}.jsonl").read_text().splitlines()]
+        assert [r["line"] for r in rows] == [1, 2] and sum(r["correct"] for r in rows) == results["eval"][label]["correct"]
+        assert "predictions" not in results["eval"][label]
     cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft"]["method"] == peft["method"] and cfg["num_parameters"] == results["trainable_params"]

@@ -149,6 +149,8 @@ def test_chain_runs_evaluation_after_training_and_reports_a_failed_training(slur
     assert ok.stdout.count("COMPLETED") == 2, ok.stdout
     result = json.loads((ok_dir / "eval.json").read_text())
     assert result["n"] == 4 and result["adapter_step"] == 2
+    predictions = (ok_dir / "predictions_eval.jsonl").read_text().splitlines()
+    assert [json.loads(line)["line"] for line in predictions] == [1, 2, 3, 4]
 
     assert bad.returncode == 1, bad.stdout + bad.stderr
     train_job = bad.stdout.split("submitted training job ", 1)[1].split(":", 1)[0]

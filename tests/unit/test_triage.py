@@ -78,6 +78,10 @@ def test_labels_follow_the_house_rules(seed):
             else:
                 want = "P4"
             assert priority == want, (split, text, priority)
+            # One rule's cues per ticket: the precedence between rules is never what decides a label.
+            fired = [any(p in text for p in risk), any(p in text for p in wide),
+                     any(p in text for p in triage.ENTERPRISE_TIER) or any(a >= triage.AMOUNT_THRESHOLD for a in amounts)]
+            assert sum(fired) <= 1, (split, text)
 
 
 def test_examples_are_short_and_answers_exact():

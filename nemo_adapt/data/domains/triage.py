@@ -28,6 +28,9 @@ Priority, the first rule that applies:
 What the customer says about urgency ("URGENT!!") does not count: it appears at the same rate at
 every priority. Team and priority are independent; small amounts are $12-$2,400 and large ones
 $12,000-$480,000, so the threshold is not a knife edge a 135M model has to learn digit by digit.
+A ticket carries the cues of one rule only (a P1 ticket never also says that all customers are hit),
+so the labels test that each rule is known, not the precedence between rules; P4 tickets carry the
+look-alikes (a small amount, a Standard tier, a single affected account) rather than nothing.
 
 Generalisation
 --------------
@@ -218,23 +221,6 @@ URGENCY_NOISE = (
     "URGENT - please respond ASAP.",
     "I need this fixed today.",
 )
-OPENERS = (
-    "Hi, this is {name} from {company}.",
-    "Hello team, {name} here from {company}.",
-    "{name} from {company} writing in.",
-    "Hi there!",
-    "Good morning!",
-    "Hello support team.",
-    "Hi, {name} here.",
-)
-CLOSINGS = ("", "", "Thanks.", "Please advise.", "Any help appreciated.", "Thank you in advance.",
-            "Can you look into it?")
-NAMES = ("Dana", "Priya", "Tomasz", "Aisha", "Marco", "Lena", "Kwame", "Sofia", "Hiroshi", "Elena",
-         "Omar", "Grace", "Mateo", "Ingrid", "Ravi", "Chloe", "Yusuf", "Hannah", "Diego", "Mei")
-COMPANIES = ("Brightline Foods", "Kestrel Logistics", "Orchid Health", "Bluefin Travel", "Copperleaf Media",
-             "Northgate Retail", "Alder Robotics", "Summit Dental", "Harbor Coffee Co", "Vantage Apparel",
-             "Pinecrest Labs", "Ironwood Builders")
-
 # Target priority mix: realistic (most tickets are routine) without letting one class dominate.
 PRIORITY_WEIGHTS = {"P1": 0.2, "P2": 0.2, "P3": 0.3, "P4": 0.3}
 URGENCY_NOISE_RATE = 0.2
@@ -281,24 +267,18 @@ def make_ticket(rng: random.Random, heldout: bool) -> tuple[str, str, str]:
         issue = issue[0].upper() + issue[1:]
 
     priority = rng.choices(PRIORITIES, weights=[PRIORITY_WEIGHTS[p] for p in PRIORITIES])[0]
-    # Choose the cues so that `priority` is the first rule that applies; the lower-rule cues of a
-    # higher-priority ticket are drawn freely, so precedence has to be learned too.
-    risk = priority == "P1"
-    widespread = priority == "P2" or (priority == "P1" and rng.random() < 0.3)
+    # A ticket carries the cues of its own rule only (see "House rules"): P1-P3 tickets hold their
+    # rule's cue, P4 tickets none of the P1-P3 cues, only their look-alikes (small amounts, other tiers).
+    risk, widespread = priority == "P1", priority == "P2"
+    enterprise = large = False
     if priority == "P3":
         kind = rng.choices(("tier", "amount", "both"), weights=(0.4, 0.4, 0.2))[0]
         enterprise, large = kind in ("tier", "both"), kind in ("amount", "both")
-    elif priority == "P4":
-        enterprise, large = False, False
-    else:
-        enterprise, large = rng.random() < 0.35, rng.random() < 0.3
 
     def phrase(pool: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
         # Eval splits draw from all phrasings, so some tickets carry a cue phrased as never seen.
         return rng.choice(pool[0] + pool[1] if heldout else pool[0])
 
-    name, company = rng.choice(NAMES), rng.choice(COMPANIES)
-    opener = rng.choice(OPENERS).format(name=name, company=company)
     middle: list[str] = []
     if widespread:
         middle.append(phrase(WIDESPREAD_CUES))
@@ -316,7 +296,9 @@ def make_ticket(rng: random.Random, heldout: bool) -> tuple[str, str, str]:
         tier = rng.choice(ENTERPRISE_TIER)
     elif rng.random() < 0.5:
         tier = rng.choice(STANDARD_TIER)
-    parts = [opener, tier, issue, *middle, rng.choice(CLOSINGS)]
+    # No greetings, signatures or sign-offs: they carry no label information and would cost ~20% of
+    # every example's tokens (the main job's budget is tokens/s on 2 CPU cores).
+    parts = [tier, issue, *middle]
     return " ".join(p for p in parts if p), team, priority
 
 
