@@ -61,6 +61,16 @@ class PeftMethod:
     def validate_matches(self, matched: list[str]) -> None:
         """Called with the names `transform` changed; raise ConfigError if that is not enough."""
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning-rate multipliers for some of this method's parameters.
+
+        Returns:
+            Parameter-name pattern (fnmatch over the names the optimizer sees, as Megatron's
+            `ParamKey`) -> multiplier of the schedule's learning rate; {} (the default) trains every
+            parameter at the recipe's rate.
+        """
+        return {}
+
     @classmethod
     def check_recipe(cls, config: PeftConfig, recipe, spec) -> None:
         """Raise ConfigError for recipe settings this method cannot run with (before anything is built).

@@ -34,6 +34,9 @@ class LoRAConfig(PeftConfig):
     layers: list[int] | None = None
     """Decoder layers (global, 0-based) that get adapters; None: all. Adapting only the upper layers
     also skips the backward pass through the frozen lower ones (as HF PEFT's `layers_to_transform`)."""
+    lr_ratio_b: float = 1.0
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B trains at this multiple of the learning rate, A
+    at the rate itself; 1 is plain LoRA. HF PEFT's `loraplus_lr_ratio`; the paper uses 2 to 16."""
 
     def __post_init__(self):
         check_positive("peft.rank", self.rank)
@@ -46,6 +49,7 @@ class LoRAConfig(PeftConfig):
             if t not in LINEAR_TARGETS:
                 raise ConfigError(f"peft.target_modules entry {t!r} is not a linear layer of the model; "
                                   f"allowed: {', '.join(LINEAR_TARGETS)}")
+        check_positive("peft.lr_ratio_b", self.lr_ratio_b, integer=False)
         if self.layers is not None:
             if not self.layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.layers):
                 raise ConfigError(f"peft.layers={self.layers!r} must be a non-empty list of layer indices >= 0 "
@@ -269,6 +273,11 @@ class LoRA(PeftMethod):
             raise ConfigError(f"peft.layers={layers} puts no adapter on the first pipeline stage (layers "
                               f"0..{first_stage - 1} at parallel.pipeline={pp}); include one of them or use "
                               "parallel.pipeline=1")
+
+    def lr_multipliers(self):
+        # B is `adapter.up.weight` of every LoRALinear (DoRA's too); A keeps the schedule's rate.
+        ratio = float(self.config.lr_ratio_b)
+        return {} if ratio == 1.0 else {"*.adapter.up.weight": ratio}
 
     def apply(self, model, seed=0):
         layers = self.config.layers

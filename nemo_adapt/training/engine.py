@@ -65,9 +65,17 @@ def connect_schedule_hooks(ddp_model, optimizer) -> None:
     config.no_sync_func = ddp_model.no_sync
 
 
-def build_optimizer(ddp_model, cfg: RecipeConfig):
-    """AdamW over the trainable parameters (Megatron's optimizer, with grad clipping)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def build_optimizer(ddp_model, cfg: RecipeConfig, lr_multipliers: dict[str, float] | None = None):
+    """AdamW over the trainable parameters (Megatron's optimizer, with grad clipping).
+
+    Args:
+        ddp_model: the Megatron DDP-wrapped model.
+        cfg: the recipe.
+        lr_multipliers: parameter-name pattern -> learning-rate multiplier (the PEFT method's
+            `lr_multipliers()`, e.g. LoRA+'s B matrices); each becomes its own parameter group whose
+            `max_lr`/`min_lr` carry the multiple, which `set_lr` applies at every step.
+    """
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
 
     o = cfg.optim
     dtype = ddp_model.config.params_dtype
@@ -85,7 +93,15 @@ def build_optimizer(ddp_model, cfg: RecipeConfig):
         params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, [ddp_model])
+    overrides = None
+    if lr_multipliers:
+        from megatron.core.optimizer import get_standard_config_overrides
+
+        # Passing overrides replaces Megatron's defaults (no weight decay on biases and norms): keep them.
+        overrides = dict(get_standard_config_overrides(opt_config))
+        for pattern, mult in lr_multipliers.items():
+            overrides[ParamKey(name=pattern)] = {"max_lr": o.lr * mult, "min_lr": o.min_lr * mult}
+    return get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
 
 
 def lr_at(step: int, cfg: RecipeConfig, total_steps: int) -> float:
@@ -102,9 +118,13 @@ def lr_at(step: int, cfg: RecipeConfig, total_steps: int) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer, lr: float) -> None:
+def set_lr(optimizer, lr: float, peak_lr: float | None = None) -> None:
+    """Set this step's learning rate `lr` (the schedule's value for a peak of `peak_lr`); a group
+    whose `max_lr` is a multiple of the peak (see `build_optimizer`) gets the same multiple. Without
+    `peak_lr` every group gets `lr` itself."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        scale = 1.0 if peak_lr is None else group.get("max_lr", peak_lr) / peak_lr  # exactly 1.0 for plain groups
+        group["lr"] = lr * scale
 
 
 @dataclass
@@ -284,8 +304,9 @@ def global_mean(loss_sum: float, tokens: float) -> float:
 
 
 def train_step(ddp_model, optimizer, microbatches: list[dict], seq_length: int, micro_batch_size: int,
-               lr: float) -> tuple[float, float, bool]:
-    """One optimizer step over this rank's micro-batches.
+               lr: float, peak_lr: float | None = None) -> tuple[float, float, bool]:
+    """One optimizer step over this rank's micro-batches, at learning rate `lr`; with `peak_lr` (the
+    recipe's `optim.lr`), groups with a learning-rate multiplier get that multiple of `lr`.
 
     Returns:
         (loss, grad_norm, updated): global per-token loss of the batch, gradient norm, and whether
@@ -294,7 +315,7 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], seq_length: int, 
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     loss_sum, tokens = run_schedule(ddp_model, microbatches, seq_length, micro_batch_size, forward_only=False)
-    set_lr(optimizer, lr)
+    set_lr(optimizer, lr, peak_lr)
     updated, grad_norm, _ = optimizer.step()
     return global_mean(loss_sum, tokens), float(grad_norm or 0.0), bool(updated)
 

@@ -115,10 +115,10 @@ def run(recipe: str, overrides: list[str]) -> int:
     model, source = load_model(source, options=options)
     spec = source.spec
     model.config.calculate_per_token_loss = True
-    apply_peft(model, cfg.peft, seed=cfg.run.seed, tokenizer=tokenizer)
+    method = apply_peft(model, cfg.peft, seed=cfg.run.seed, tokenizer=tokenizer)
     n_trainable = _sum_over_model_parallel(trainable_parameters(model, unique=True))
     ddp = engine.wrap_ddp(model, cfg)
-    optimizer = engine.build_optimizer(ddp, cfg)
+    optimizer = engine.build_optimizer(ddp, cfg, method.lr_multipliers() if method else None)
     engine.connect_schedule_hooks(ddp, optimizer)
 
     plan = engine.BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, info.data_parallel)
@@ -176,7 +176,8 @@ def run(recipe: str, overrides: list[str]) -> int:
         t0 = time.perf_counter()
         batches = steps.microbatches(step, info.dp_rank)
         lr = engine.lr_at(step, cfg, total_steps)
-        loss, grad_norm, _ = engine.train_step(ddp, optimizer, batches, seq, plan.micro_batch_size, lr)
+        loss, grad_norm, _ = engine.train_step(ddp, optimizer, batches, seq, plan.micro_batch_size, lr,
+                                                 cfg.optim.lr)
         dt = time.perf_counter() - t0
         if dt < _MIN_STEP_SECONDS:  # test pacing only (see _MIN_STEP_SECONDS)
             time.sleep(_MIN_STEP_SECONDS - dt)
