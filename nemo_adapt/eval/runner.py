@@ -4,8 +4,10 @@ adapted model and for the prompt-only baseline (same instructions, optional few-
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from nemo_adapt.config.schema import EvalConfig
 from nemo_adapt.eval.task import baseline_messages, exact_match, few_shot_messages
@@ -83,9 +85,6 @@ def write_predictions(result: dict, path) -> dict:
     Returns:
         `result` minus "predictions", plus "predictions_file".
     """
-    import json
-    from pathlib import Path
-
     rows = result.get("predictions", [])
     Path(path).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return {**{k: v for k, v in result.items() if k != "predictions"}, "predictions_file": str(path)}

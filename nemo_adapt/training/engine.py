@@ -72,8 +72,8 @@ def build_optimizer(ddp_model, cfg: RecipeConfig, lr_multipliers: dict[str, floa
         ddp_model: the Megatron DDP-wrapped model.
         cfg: the recipe.
         lr_multipliers: parameter-name pattern -> learning-rate multiplier (the PEFT method's
-            `lr_multipliers()`, e.g. LoRA+'s B matrices); each becomes its own parameter group whose
-            `max_lr`/`min_lr` carry the multiple, which `set_lr` applies at every step.
+            `lr_multipliers()`, e.g. LoRA+'s B matrices); each becomes its own parameter group with
+            Megatron's `lr_mult` set, which `set_lr` applies at every step.
     """
     from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
 
@@ -100,7 +100,7 @@ def build_optimizer(ddp_model, cfg: RecipeConfig, lr_multipliers: dict[str, floa
         # Passing overrides replaces Megatron's defaults (no weight decay on biases and norms): keep them.
         overrides = dict(get_standard_config_overrides(opt_config))
         for pattern, mult in lr_multipliers.items():
-            overrides[ParamKey(name=pattern)] = {"max_lr": o.lr * mult, "min_lr": o.min_lr * mult}
+            overrides[ParamKey(name=pattern)] = {"lr_mult": mult}
     return get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
 
 
@@ -118,13 +118,11 @@ def lr_at(step: int, cfg: RecipeConfig, total_steps: int) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer, lr: float, peak_lr: float | None = None) -> None:
-    """Set this step's learning rate `lr` (the schedule's value for a peak of `peak_lr`); a group
-    whose `max_lr` is a multiple of the peak (see `build_optimizer`) gets the same multiple. Without
-    `peak_lr` every group gets `lr` itself."""
+def set_lr(optimizer, lr: float) -> None:
+    """Set this step's learning rate; a group with a multiplier (`lr_mult`, see `build_optimizer`)
+    gets that multiple of it."""
     for group in optimizer.param_groups:
-        scale = 1.0 if peak_lr is None else group.get("max_lr", peak_lr) / peak_lr  # exactly 1.0 for plain groups
-        group["lr"] = lr * scale
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 @dataclass
@@ -304,9 +302,9 @@ def global_mean(loss_sum: float, tokens: float) -> float:
 
 
 def train_step(ddp_model, optimizer, microbatches: list[dict], seq_length: int, micro_batch_size: int,
-               lr: float, peak_lr: float | None = None) -> tuple[float, float, bool]:
-    """One optimizer step over this rank's micro-batches, at learning rate `lr`; with `peak_lr` (the
-    recipe's `optim.lr`), groups with a learning-rate multiplier get that multiple of `lr`.
+               lr: float) -> tuple[float, float, bool]:
+    """One optimizer step over this rank's micro-batches, at learning rate `lr` (times a group's
+    multiplier, see `set_lr`).
 
     Returns:
         (loss, grad_norm, updated): global per-token loss of the batch, gradient norm, and whether
@@ -315,7 +313,7 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], seq_length: int, 
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     loss_sum, tokens = run_schedule(ddp_model, microbatches, seq_length, micro_batch_size, forward_only=False)
-    set_lr(optimizer, lr, peak_lr)
+    set_lr(optimizer, lr)
     updated, grad_norm, _ = optimizer.step()
     return global_mean(loss_sum, tokens), float(grad_norm or 0.0), bool(updated)
 

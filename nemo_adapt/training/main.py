@@ -176,8 +176,7 @@ def run(recipe: str, overrides: list[str]) -> int:
         t0 = time.perf_counter()
         batches = steps.microbatches(step, info.dp_rank)
         lr = engine.lr_at(step, cfg, total_steps)
-        loss, grad_norm, _ = engine.train_step(ddp, optimizer, batches, seq, plan.micro_batch_size, lr,
-                                                 cfg.optim.lr)
+        loss, grad_norm, _ = engine.train_step(ddp, optimizer, batches, seq, plan.micro_batch_size, lr)
         dt = time.perf_counter() - t0
         if dt < _MIN_STEP_SECONDS:  # test pacing only (see _MIN_STEP_SECONDS)
             time.sleep(_MIN_STEP_SECONDS - dt)
