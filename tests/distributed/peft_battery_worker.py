@@ -1,17 +1,22 @@
 """Worker of the shared PEFT battery, launched once per layout by `test_peft_battery.py` (torchrun).
 
-For every case of `peft_cases.PEFT_CASES` (or those named with --cases), at one TP/PP layout:
+For every row of `peft_cases.PEFT_CASES` (or those named with --cases), at one TP/PP layout:
 
-1. base logits of `random:tiny_llama`, then the method applied; step-0 logits (must equal the base
-   for every method here) and logits under `adapters_disabled`;
-2. 3 optimizer steps on fixed synthetic batches with the real engine pieces (Megatron DDP, optimizer,
-   pipeline schedule); an adapter-only checkpoint after step 2; the 3 losses;
-3. after training: logits under `adapters_disabled` (base again), and for mergeable methods logits
-   after merge and after unmerge;
-4. trainable parameters on this rank, and the adapter artifact (safetensors, TP-gathered);
-   greedy generation of a few tokens (KV cache, pipeline p2p);
-5. with --resume-from: a fresh model at this layout loads that directory's step-2 checkpoint of the
-   same case (saved at another layout) and runs step 3: its loss.
+1. base logits of `random:tiny_llama`, then the method applied: trainable parameters held by this
+   rank and summed over the model-parallel group (replicated copies once); step-0 logits, and
+   logits under `adapters_disabled` (must equal the base);
+2. 3 optimizer steps on fixed synthetic batches (packed rows, or padded rows for virtual tokens)
+   through the real engine (Megatron DDP, optimizer, pipeline schedule); an adapter-only checkpoint
+   after step 2; the 3 losses;
+3. after training: the adapter artifact (safetensors, TP-gathered); logits under
+   `adapters_disabled` (the base again) and its greedy generation; mergeable rows: logits merged
+   and after unmerge;
+4. greedy generation of a few tokens with the KV cache (pipeline p2p) and the same tokens found
+   without a cache, one full forward per token; one cached decode step's logits vs a full forward;
+5. collapsible rows: logits before and after `collapse`, the count after it, generation and the
+   decode-step check again;
+6. with --resume-from: a fresh model at this layout runs step 3 once with its own fresh adapter and
+   once after loading that directory's step-2 checkpoint of the same row (saved at another layout).
 
 Each rank writes `<out>/rank<r>.json` with what it knows (logit comparisons on the last stage only).
 
@@ -26,20 +31,39 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-SEQ, MBS, GBS, STEPS, SAVE_AFTER = 32, 2, 4, 3, 2
-PROMPTS = [[5, 17, 33, 9, 12], [40, 41, 42]]
-NEW_TOKENS = 4
+SEQ, MBS, GBS, STEPS, SAVE_AFTER = 24, 2, 4, 3, 2
+# A shared 9-token prefix and own parts of 3 and 4 tokens: generation takes its shared-prefix path.
+PROMPTS = [[5, 17, 33, 9, 12, 8, 21, 7, 30, 11, 6, 14], [5, 17, 33, 9, 12, 8, 21, 7, 30, 40, 41, 42, 43]]
+NEW_TOKENS = 3
 
 
-def batches(step: int) -> list[dict]:
-    """The global batch of step `step` (DP=1 everywhere), as MBS-row micro-batches."""
+def batches(step: int, packed: bool = True) -> list[dict]:
+    """The global batch of step `step` (DP=1 everywhere), as MBS-row micro-batches.
+
+    Packed: two examples per row (segments 1 and 2, positions restarting), no padding. Unpacked: one
+    example per row, of length SEQ - 3 * row, padded (pad id 0, segment 0, no loss). The loss covers
+    the second half of each example (its "answer").
+    """
     g = torch.Generator().manual_seed(1000 + step)
     tokens = torch.randint(3, 100, (GBS, SEQ + 1), generator=g)
-    loss_mask = torch.zeros(GBS, SEQ)
-    loss_mask[:, SEQ // 2:] = 1  # answer tokens: the second half
-    rows = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "loss_mask": loss_mask,
-            "position_ids": torch.arange(SEQ).expand(GBS, -1).contiguous(),
+    rows = {"tokens": tokens[:, :-1].clone(), "labels": tokens[:, 1:].clone(), "loss_mask": torch.zeros(GBS, SEQ),
+            "position_ids": torch.arange(SEQ).expand(GBS, -1).clone(),
             "segment_ids": torch.ones(GBS, SEQ, dtype=torch.long)}
+    for i in range(GBS):
+        if packed:
+            cut = SEQ // 2 - 2 + i
+            rows["segment_ids"][i, cut:] = 2
+            rows["position_ids"][i, cut:] = torch.arange(SEQ - cut)
+            rows["loss_mask"][i, cut // 2:cut - 1] = 1
+            rows["loss_mask"][i, cut + (SEQ - cut) // 2:SEQ - 1] = 1
+            rows["labels"][i, cut - 1] = 0
+        else:
+            n = SEQ - 3 * i
+            rows["loss_mask"][i, n // 2:n - 1] = 1
+            rows["tokens"][i, n:] = 0
+            rows["labels"][i, n - 1:] = 0
+            rows["segment_ids"][i, n:] = 0
+            rows["position_ids"][i, n:] = torch.arange(SEQ - n)
     return [{k: v[i:i + MBS] for k, v in rows.items()} for i in range(0, GBS, MBS)]
 
 
@@ -64,22 +88,82 @@ def build(cfg):
     model, source = load_model("random:tiny_llama", "tiny_llama")
     model.config.calculate_per_token_loss = True
     base = logits(model, source.spec)
-    apply_peft(model, cfg.peft, seed=7)
+    method = apply_peft(model, cfg.peft, seed=7)
     ddp = engine.wrap_ddp(model, cfg)
-    optimizer = engine.build_optimizer(ddp, cfg)
+    optimizer = engine.build_optimizer(ddp, cfg, method.lr_multipliers())
     engine.connect_schedule_hooks(ddp, optimizer)
     return model, source.spec, ddp, optimizer, base
 
 
-def logits(model, spec):
+def logits(model, spec, seq=None):
+    """Full-forward logits of one sequence (default: both prompts back to back); None off the last stage."""
     from nemo_adapt.generation.generate import forward_logits
 
-    tokens = torch.tensor([PROMPTS[0] + PROMPTS[1]])
+    tokens = torch.tensor([seq if seq is not None else PROMPTS[0] + PROMPTS[1]])
     return forward_logits(model, tokens, spec.vocab_size, spec.hidden_size)
 
 
 def max_diff(a, b):
     return None if a is None or b is None else float((a - b).abs().max())
+
+
+def model_parallel_sum(n: int) -> int:
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(t, group=ps.get_model_parallel_group())
+    return int(t.item())
+
+
+def greedy_without_cache(model, spec, prompt: list[int], k: int) -> list[int]:
+    """k greedy tokens, each from a full forward of the whole sequence (no KV cache)."""
+    from megatron.core import parallel_state as ps
+
+    seq = list(prompt)
+    for _ in range(k):
+        lg = logits(model, spec, seq)
+        nxt = torch.zeros(1, dtype=torch.long)
+        if lg is not None:
+            nxt[0] = int(lg[0, -1].argmax())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        seq.append(int(nxt[0]))
+    return seq[len(prompt):]
+
+
+def generation(model, spec, uncached: bool = True) -> dict:
+    from nemo_adapt.generation.generate import SamplingParams, generate
+
+    # No EOS: every prompt generates exactly NEW_TOKENS tokens, comparable with the uncached loop.
+    cached = generate(model, PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS), set(), spec.vocab_size,
+                      spec.hidden_size, spec.max_position_embeddings)
+    if not uncached:
+        return {"cached": cached}
+    return {"cached": cached, "uncached": [greedy_without_cache(model, spec, p, NEW_TOKENS) for p in PROMPTS]}
+
+
+def decode_vs_full(model, spec, prompt: list[int]) -> float | None:
+    """Logits of the last prompt token from a KV-cache decode step (after prefilling the rest) vs
+    from one full forward: the cached path with the method applied (None off the last stage)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from nemo_adapt.generation.generate import _stage_forward
+    from nemo_adapt.peft.virtual_tokens import virtual_token_count
+
+    full = logits(model, spec, prompt)
+    seq = torch.tensor([[0] * virtual_token_count(model) + list(prompt)])
+    s = seq.shape[1]
+    dtype = next(model.parameters()).dtype
+    model.eval()
+    with torch.no_grad():
+        ctx = StaticInferenceContext(1, s)
+        _stage_forward(model, seq[:, :-1], torch.arange(s - 1).unsqueeze(0), ctx, (s - 1, 1, spec.hidden_size), dtype)
+        ctx.increment_sequence_len_offset(s - 1)
+        ctx.enable_decode_mode()
+        out = _stage_forward(model, seq[:, -1:], torch.tensor([[s - 1]]), ctx, (1, 1, spec.hidden_size), dtype)
+    model.train()
+    return None if out is None else float((out[0, -1, :spec.vocab_size].float() - full[0, -1]).abs().max())
 
 
 def save(run_dir: Path, ddp, optimizer, step: int, method: str, tp: int, pp: int):
@@ -95,32 +179,36 @@ def run_case(case, tp: int, pp: int, out: Path, resume_from: Path | None) -> dic
     from megatron.core import parallel_state as ps
 
     from nemo_adapt.artifacts.adapter import save_adapter
-    from nemo_adapt.generation.generate import SamplingParams, generate
     from nemo_adapt.peft.base import adapters_disabled, trainable_parameters
+    from nemo_adapt.peft.virtual_tokens import collapse
     from nemo_adapt.training import checkpoint as ckpt
     from nemo_adapt.training import engine
 
     cfg = recipe(case, tp, pp)
     model, spec, ddp, optimizer, base = build(cfg)
-    rec: dict = {"step0_vs_base": max_diff(logits(model, spec), base)}
+    rec: dict = {"trainable": model_parallel_sum(trainable_parameters(model, unique=True)),
+                 "trainable_rank": trainable_parameters(model), "layers_local": len(model.decoder.layers),
+                 "first_stage": ps.is_pipeline_first_stage()}
+    rec["step0_vs_base"] = max_diff(logits(model, spec), base)
+    with adapters_disabled(model):
+        rec["disabled_vs_base_step0"] = max_diff(logits(model, spec), base)
+
     losses = []
     for step in range(STEPS):
         if step == SAVE_AFTER:
             save(out / case.id, ddp, optimizer, step, case.peft["method"], tp, pp)
-        loss, _, updated = engine.train_step(ddp, optimizer, batches(step), SEQ, MBS, cfg.optim.lr)
+        loss, _, updated = engine.train_step(ddp, optimizer, batches(step, case.packed), SEQ, MBS, cfg.optim.lr)
         assert updated
         losses.append(loss)
     rec["losses"] = losses
-    rec["trainable_rank"] = trainable_parameters(model)
-    rec["trainable_unique"] = trainable_parameters(model, unique=True)
-    rec["layers_local"] = len(model.decoder.layers)
-    rec["first_stage"] = ps.is_pipeline_first_stage()
+
     # Adapter artifact (TP-gathered, global names): must be the same file at every layout.
     save_adapter(model, out / case.id / "artifact", cfg.peft, {"base_model": "tiny_llama"})
     trained = logits(model, spec)
+    rec["trained_vs_base"] = max_diff(trained, base)
     with adapters_disabled(model):
         rec["disabled_vs_base"] = max_diff(logits(model, spec), base)
-    rec["trained_vs_base"] = max_diff(trained, base)
+        rec["generation_disabled"] = generation(model, spec, uncached=False)
     if case.mergeable:
         merged_layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "adapter_enabled")]
         for m in merged_layers:
@@ -131,16 +219,26 @@ def run_case(case, tp: int, pp: int, out: Path, resume_from: Path | None) -> dic
         with adapters_disabled(model):
             rec["unmerged_base_vs_base"] = max_diff(logits(model, spec), base)
         rec["unmerged_vs_adapted"] = max_diff(logits(model, spec), trained)
-    if case.generation:
-        eos = {spec.eos_token_id} if spec.eos_token_id is not None else set()
-        rec["generated"] = generate(model, PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS), eos,
-                                    spec.vocab_size, spec.hidden_size)
+    rec["generation"] = generation(model, spec)
+    rec["decode_vs_full"] = decode_vs_full(model, spec, PROMPTS[0])
+    if case.collapsible:
+        collapse(model)
+        rec["collapsed_vs_trained"] = max_diff(logits(model, spec), trained)
+        rec["trainable_collapsed"] = model_parallel_sum(trainable_parameters(model, unique=True))
+        rec["generation_collapsed"] = generation(model, spec, uncached=False)
+        rec["decode_vs_full_collapsed"] = decode_vs_full(model, spec, PROMPTS[0])
+
     if resume_from is not None:
-        fresh, _, ddp2, opt2, _ = build(cfg)
+        _, _, ddp2, opt2, _ = build(cfg)
+        # The same step with the freshly initialised adapter (nothing loaded yet): the loaded adapter
+        # must give a clearly different loss, or the checkpoint had no effect.
+        fresh_sum, fresh_tokens = engine.run_schedule(ddp2, batches(SAVE_AFTER, case.packed), SEQ, MBS,
+                                                      forward_only=True)
         path = ckpt.latest_checkpoint(resume_from / case.id)
         state = ckpt.load_checkpoint(path, ddp2, opt2, trainable_only=True, same_layout=False)
-        loss, _, _ = engine.train_step(ddp2, opt2, batches(state.step), SEQ, MBS, cfg.optim.lr)
-        rec["resumed"] = {"from": str(resume_from), "step": state.step + 1, "loss": loss}
+        loss, _, _ = engine.train_step(ddp2, opt2, batches(state.step, case.packed), SEQ, MBS, cfg.optim.lr)
+        rec["resumed"] = {"from": str(resume_from), "step": state.step + 1, "loss": loss,
+                          "fresh_loss": engine.global_mean(fresh_sum, fresh_tokens)}
     return rec
 
 

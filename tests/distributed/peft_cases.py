@@ -2,14 +2,14 @@
 
 Each row is a `PeftCase`: a short id, the `peft:` section of a recipe (as a dict), and what the
 method supports. The battery (`test_peft_battery.py`) runs every row at TP1, TP2, PP2 and TP2xPP2 in
-one torchrun launch per layout; the merge tests use the `mergeable` rows. Sizes are for `tiny_llama`
-(hidden 64, 4 heads in 2 KV groups of width 16, FFN 128, 4 layers): every split divides by 2.
-Dropout stays 0 so every layout draws the same (no) masks and losses compare at 1e-4.
+one torchrun launch per layout. Sizes are for `tiny_llama` (hidden 64, 4 heads in 2 KV groups of
+width 16, FFN 128, 4 layers): every split divides by 2. Dropout stays 0 so every layout draws the
+same (no) masks and losses compare at 1e-4.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,14 @@ class PeftCase:
     peft: dict
     """The recipe's `peft:` section for this row, including `method`."""
     mergeable: bool = False
-    """The method folds into the base weights (merge/unmerge are tested)."""
-    generation: bool = True
-    """Generation runs with the method applied."""
-    extra: dict = field(default_factory=dict)
-    """Free-form notes for methods that need more (e.g. virtual tokens need sequence room)."""
+    """The method folds into the base weights: merge and unmerge are tested."""
+    collapsible: bool = False
+    """A training-time reparameterisation collapses into the saved form: outputs before/after are compared."""
+    starts_at_base: bool = True
+    """The freshly applied method computes exactly the base model (zero-initialised weight methods);
+    virtual tokens and prefixes change the outputs from step 0."""
+    packed: bool = True
+    """Train on packed rows (two examples per row); virtual tokens need one example per row (padded)."""
 
 
 PEFT_CASES: list[PeftCase] = [
@@ -37,6 +40,18 @@ PEFT_CASES: list[PeftCase] = [
     PeftCase("adapter", {"method": "adapter", "bottleneck": 8, "activation": "gelu"}),
     PeftCase("adapter_parallel", {"method": "adapter", "bottleneck": 8, "mode": "parallel", "activation": "relu",
                                   "placements": ["mlp"]}),
+    PeftCase("prompt_tuning", {"method": "prompt_tuning", "num_virtual_tokens": 4, "init": "vocab"},
+             starts_at_base=False, packed=False),
+    PeftCase("p_tuning_mlp", {"method": "p_tuning", "num_virtual_tokens": 4, "encoder": "mlp",
+                              "encoder_hidden": 32, "encoder_layers": 3},
+             collapsible=True, starts_at_base=False, packed=False),
+    PeftCase("p_tuning_lstm", {"method": "p_tuning", "num_virtual_tokens": 3, "encoder": "lstm",
+                               "encoder_hidden": 16}, collapsible=True, starts_at_base=False, packed=False),
+    # Prefixes keep packing: every example of a packed row attends the prefix.
+    PeftCase("prefix_tuning", {"method": "prefix_tuning", "num_prefix_tokens": 4, "reparameterize": False},
+             starts_at_base=False),
+    PeftCase("prefix_tuning_mlp", {"method": "prefix_tuning", "num_prefix_tokens": 3, "reparam_hidden": 32},
+             collapsible=True, starts_at_base=False),
 ]
 
 
@@ -52,3 +67,14 @@ def peft_config(case: PeftCase):
     from nemo_adapt.peft.base import peft_config_class
 
     return peft_config_class(case.peft["method"])(**case.peft)
+
+
+def planner_args(case: PeftCase) -> tuple[str, dict]:
+    """The planner's method name and arguments for a row (for the closed-form counts): the row's
+    typed config, read back for the keys the planner's formula takes."""
+    from nemo_adapt.planner.memory import _PEFT_DEFAULTS, PEFT_ALIASES
+
+    config = peft_config(case)
+    keys = _PEFT_DEFAULTS[PEFT_ALIASES.get(config.method, config.method)]
+    args = {k: getattr(config, k) for k in keys if k != "alpha" and hasattr(config, k)}
+    return config.method, {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()}
