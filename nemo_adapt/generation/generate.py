@@ -7,6 +7,13 @@ sequence whose prompt is still running is fed its own next prompt token instead 
 (the scheme Megatron's static text generation uses). Every position attends only to real tokens,
 so results equal running each prompt alone.
 
+Prompts that start with the same tokens (the same system prompt and chat header, as in every
+evaluation) share them: the common prefix is prefilled once, in one batch row, its cached keys and
+values copied to the other rows, and the rest of the prefill runs as a second chunk with an explicit
+causal mask. Megatron turns its own causal masking off for any chunk after the first (it expects
+single-token decode steps), so this needs the local attention, which applies a given mask; with
+Transformer Engine attention the whole prefill runs as one chunk instead.
+
 Under pipeline parallelism, hidden states flow stage to stage with point-to-point sends; the last
 stage gathers the vocabulary-parallel logits over its TP group, picks the next tokens and broadcasts
 them back along the pipeline, so every rank ends with the same outputs.
@@ -67,7 +74,45 @@ def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) ->
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def _stage_forward(model, tokens, positions, ctx, hidden_shape, dtype):
+MIN_SHARED_PREFIX = 8
+"""Shorter common prefixes are prefilled with the rest (an extra forward costs more than it saves)."""
+
+
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """Number of leading tokens all prompts share."""
+    n = min(len(p) for p in prompts)
+    first = prompts[0]
+    for i in range(n):
+        if any(p[i] != first[i] for p in prompts[1:]):
+            return i
+    return n
+
+
+def accepts_chunk_masks(model) -> bool:
+    """Whether every attention layer of this stage applies an explicitly given mask during cached
+    inference (Megatron's local `DotProductAttention`, possibly inside our prefix-tuning wrapper)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    cores = [getattr(m, "base_layer", m) for name, m in model.named_modules() if name.endswith("core_attention")]
+    return bool(cores) and all(isinstance(c, DotProductAttention) for c in cores)
+
+
+def causal_chunk_mask(sq: int, sk: int, device) -> torch.Tensor:
+    """Megatron boolean mask (True = masked) [1, 1, sq, sk] for a chunk of sq queries at positions
+    sk - sq .. sk - 1 over sk cached-plus-new keys: each query sees every key up to its own position."""
+    q = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+    return (torch.arange(sk, device=device).unsqueeze(0) > q).view(1, 1, sq, sk)
+
+
+def _copy_cached_row(ctx, length: int) -> None:
+    """Copy the first `length` cached positions of batch row 0 to every other row, in every layer
+    this stage holds (cache layout [seq, batch, heads, head_dim])."""
+    for key, value in ctx.key_value_memory_dict.values():
+        key[:length, 1:] = key[:length, :1]
+        value[:length, 1:] = value[:length, :1]
+
+
+def _stage_forward(model, tokens, positions, ctx, hidden_shape, dtype, attention_mask=None):
     """Run this pipeline stage on a chunk; returns logits on the last stage, else None."""
     from megatron.core import parallel_state as ps
 
@@ -78,7 +123,8 @@ def _stage_forward(model, tokens, positions, ctx, hidden_shape, dtype):
         dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
     # Megatron gathers the vocabulary-parallel logits over TP itself in inference mode.
-    out = model(tokens if first else None, positions, None, inference_context=ctx, runtime_gather_output=True)
+    out = model(tokens if first else None, positions, attention_mask, inference_context=ctx,
+                runtime_gather_output=True)
     if not last:
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None
@@ -145,13 +191,24 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
     model.eval()
     ctx = StaticInferenceContext(batch, total)
     prev, cur = 0, min(lengths)
+    # At least one own prompt token per row after the shared part: its logits start each row's answer.
+    shared = min(common_prefix_length(prompts), cur - 1) if batch > 1 and accepts_chunk_masks(model) else 0
     try:
+        if shared >= MIN_SHARED_PREFIX:
+            positions = torch.arange(shared, device=device).unsqueeze(0)
+            _stage_forward(model, tokens[:1, :shared], positions, ctx, (shared, 1, hidden_size), dtype)
+            ctx.increment_sequence_len_offset(shared)
+            _copy_cached_row(ctx, shared)
+            prev = shared
         while cur < total and not bool(done.all()):
             chunk = tokens[:, prev:cur]
             positions = torch.arange(prev, cur, device=device).unsqueeze(0).expand(batch, -1)
-            if prev > 0:
+            mask = None
+            if prev > 0 and cur - prev > 1:
+                mask = causal_chunk_mask(cur - prev, cur, device)
+            elif prev > 0:
                 ctx.enable_decode_mode()
-            out = _stage_forward(model, chunk, positions, ctx, (cur - prev, batch, hidden_size), dtype)
+            out = _stage_forward(model, chunk, positions, ctx, (cur - prev, batch, hidden_size), dtype, mask)
             ctx.increment_sequence_len_offset(cur - prev)
             nxt = torch.empty(batch, dtype=torch.long, device=device)
             if ps.is_pipeline_last_stage():
