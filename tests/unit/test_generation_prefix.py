@@ -3,7 +3,6 @@ batch row's KV cache, the rest of the prefill runs as a masked second chunk; out
 generating each prompt alone."""
 
 import pytest
-import torch
 
 from nemo_adapt.generation import generate as G
 
