@@ -187,7 +187,10 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warmup from 0 to lr over this many steps."""
     schedule: str = "cosine"
-    """Decay after warmup: `cosine`, `linear` or `constant`."""
+    """Decay after warmup: `cosine` or `linear` to min_lr over the remaining steps, `constant`, or `wsd`
+    (warmup-stable-decay: hold lr, then decay linearly to min_lr over the last `decay_steps`)."""
+    decay_steps: int = 0
+    """`wsd` only: length of the final decay in steps (0: the last fifth of the steps after warmup)."""
 
     def __post_init__(self):
         check_positive("optim.lr", self.lr, integer=False)
@@ -201,7 +204,11 @@ class OptimConfig:
                 raise ConfigError(f"optim.{key}={value!r} must be in [0, 1)")
         check_positive("optim.adam_eps", self.adam_eps, integer=False)
         check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
-        check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "wsd"))
+        check_positive("optim.decay_steps", self.decay_steps, allow_zero=True)
+        if self.decay_steps and self.schedule != "wsd":
+            raise ConfigError(f"optim.decay_steps={self.decay_steps} applies to optim.schedule=wsd only "
+                              f"(schedule is {self.schedule!r})")
 
 
 @dataclass

@@ -111,6 +111,11 @@ def lr_at(step: int, cfg: RecipeConfig, total_steps: int) -> float:
         return o.lr * (step + 1) / o.warmup_steps
     if o.schedule == "constant":
         return o.lr
+    if o.schedule == "wsd":
+        # Hold the peak, then a linear decay whose last step (total_steps - 1) lands on min_lr.
+        decay = min(o.decay_steps or max(1, round(0.2 * (total_steps - o.warmup_steps))), total_steps)
+        into = step - (total_steps - decay) + 1
+        return o.lr if into <= 0 else o.lr + (o.min_lr - o.lr) * min(1.0, into / decay)
     decay_steps = max(1, total_steps - o.warmup_steps)
     progress = min(1.0, (step - o.warmup_steps) / decay_steps)
     if o.schedule == "linear":
