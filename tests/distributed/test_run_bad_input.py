@@ -72,6 +72,13 @@ def test_bad_input_on_an_existing_run_keeps_its_checkpoint(tmp_path, env):
     assert f"{bad}:33" in err
     assert _tree_digest(run_dir / "checkpoints") == before
 
+    # The adapter checkpoint belongs to its base model (fingerprint stored with it): resuming it on
+    # another base of the same shapes is refused before training, and the checkpoint stays as it was.
+    err = _fails(recipe, env, "model.name=tiny_qwen2", "model.checkpoint=random:tiny_qwen2", "run.max_steps=4")
+    assert "was trained on base model tiny_llama@" in err and "model.checkpoint is tiny_qwen2@" in err, err[-2000:]
+    assert _tree_digest(run_dir / "checkpoints") == before
+    assert sorted(train_losses(run_dir)) == [1, 2]
+
     # The good command resumes from the untouched step-2 checkpoint.
     torchrun(1, RUN, "run", str(recipe), "run.max_steps=4", env=env)
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
