@@ -39,7 +39,7 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None) -> dict:
     from nemo_adapt.data.formats import load_records
     from nemo_adapt.eval.runner import evaluate_task, write_predictions
     from nemo_adapt.models.builder import BuildOptions
-    from nemo_adapt.models.loader import load_model, open_source
+    from nemo_adapt.models.loader import base_fingerprint, load_model, open_source
     from nemo_adapt.parallel import runtime
     from nemo_adapt.peft.base import apply_peft, global_module_name
     from nemo_adapt.tokenizer import load_tokenizer
@@ -65,6 +65,11 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None) -> dict:
     runtime.initialize(runtime.ParallelLayout(), seed=cfg.run.seed)
     try:
         source = open_source(cfg.model.checkpoint, cfg.model.name)
+        # The adapter is only valid on the weights it was trained on (checked before building the model).
+        trained_on, now = meta.get("base_model_fingerprint"), base_fingerprint(source)
+        if trained_on and trained_on != now:
+            raise CheckpointError(f"{adapter_dir / CONFIG}: the adapter was trained on base model {trained_on}, but "
+                                  f"{config} names model.checkpoint={cfg.model.checkpoint!r} = {now}")
         model, source = load_model(source, options=BuildOptions(params_dtype=resolve_dtype(cfg.train.precision)))
         tokenizer = load_tokenizer(source.tokenizer_path)
         apply_peft(model, cfg.peft, seed=cfg.run.seed, tokenizer=tokenizer)

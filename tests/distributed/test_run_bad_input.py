@@ -3,6 +3,7 @@ and leaves no run directory behind; on an existing run it leaves the checkpoints
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,17 @@ def test_bad_input_on_an_existing_run_keeps_its_checkpoint(tmp_path, env):
     assert "was trained on base model tiny_llama@" in err and "model.checkpoint is tiny_qwen2@" in err, err[-2000:]
     assert _tree_digest(run_dir / "checkpoints") == before
     assert sorted(train_losses(run_dir)) == [1, 2]
+
+    # `nemo-adapt eval` checks the same fingerprint before building the model: a copy of the run whose
+    # config now names another base is refused, with the adapter's description named.
+    other = tmp_path / "other_base"
+    shutil.copytree(run_dir, other)
+    config = other / "config.yaml"
+    config.write_text(config.read_text().replace("tiny_llama", "tiny_qwen2"))
+    proc = torchrun(1, RUN, "eval", str(other), env=env, check=False)
+    assert proc.returncode != 0 and "adapter_config.json: the adapter was trained on base model tiny_llama@" in proc.stderr, (
+        proc.stderr[-2000:])
+    assert not (other / "eval.json").exists()
 
     # The good command resumes from the untouched step-2 checkpoint.
     torchrun(1, RUN, "run", str(recipe), "run.max_steps=4", env=env)
