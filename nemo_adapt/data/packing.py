@@ -169,3 +169,15 @@ def packed_seq_params(segment_ids: torch.Tensor):
     cu, max_len = cu_seqlens_from_segments(segment_ids)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+def causal_chunk_mask(sq: int, sk: int, device=None) -> torch.Tensor:
+    """Causal mask for a chunk of `sq` queries that are the last `sq` of `sk` keys, Megatron-Core
+    convention: query i sits at position sk - sq + i and sees every key up to it. Covers a whole
+    sequence (sq = sk), a KV-cache decode step (sq = 1) and a prefill chunk after cached tokens.
+
+    Returns:
+        Bool tensor [1, 1, sq, sk], True where attention is masked out.
+    """
+    q = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+    return (torch.arange(sk, device=device).unsqueeze(0) > q).view(1, 1, sq, sk)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nemo_adapt.data.packing import causal_chunk_mask
 from nemo_adapt.errors import ConfigError
 
 
@@ -95,13 +96,6 @@ def accepts_chunk_masks(model) -> bool:
 
     cores = [getattr(m, "base_layer", m) for name, m in model.named_modules() if name.endswith("core_attention")]
     return bool(cores) and all(isinstance(c, DotProductAttention) for c in cores)
-
-
-def causal_chunk_mask(sq: int, sk: int, device) -> torch.Tensor:
-    """Megatron boolean mask (True = masked) [1, 1, sq, sk] for a chunk of sq queries at positions
-    sk - sq .. sk - 1 over sk cached-plus-new keys: each query sees every key up to its own position."""
-    q = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
-    return (torch.arange(sk, device=device).unsqueeze(0) > q).view(1, 1, sq, sk)
 
 
 def _copy_cached_row(ctx, length: int) -> None:

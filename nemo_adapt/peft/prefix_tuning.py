@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_adapt.config.schema import check_positive
+from nemo_adapt.data.packing import causal_chunk_mask
 from nemo_adapt.errors import ConfigError
 from nemo_adapt.peft.base import PeftConfig, PeftMethod, mark_adapter, name_seed, register_peft
 from nemo_adapt.peft.virtual_tokens import mark_model_parallel_shared, model_device, seeded, sharded_params
@@ -79,11 +80,7 @@ def prefix_attention_mask(attention_mask: torch.Tensor | None, n: int, sq: int, 
     end: query i is position sk - sq + i, which covers training and prefill (sq = sk) and KV-cache
     decode steps (sq = 1, every cached key visible). A given mask (packed rows) is kept as is.
     """
-    if attention_mask is None:
-        q = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
-        real = (torch.arange(sk, device=device).unsqueeze(0) > q).view(1, 1, sq, sk)
-    else:
-        real = attention_mask.to(torch.bool)
+    real = causal_chunk_mask(sq, sk, device) if attention_mask is None else attention_mask.to(torch.bool)
     if n == 0:
         return real
     prefix = torch.zeros(*real.shape[:-1], n, dtype=torch.bool, device=real.device)

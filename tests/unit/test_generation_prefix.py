@@ -4,6 +4,7 @@ generating each prompt alone."""
 
 import pytest
 
+from nemo_adapt.data.packing import causal_chunk_mask
 from nemo_adapt.generation import generate as G
 
 
@@ -15,7 +16,7 @@ def test_common_prefix_length():
 
 def test_causal_chunk_mask_aligns_queries_at_the_end():
     # 2 queries at positions 3 and 4 over 5 keys (3 cached + 2 new); True = masked.
-    mask = G.causal_chunk_mask(2, 5, "cpu")
+    mask = causal_chunk_mask(2, 5, "cpu")
     assert mask.shape == (1, 1, 2, 5)
     assert mask[0, 0].tolist() == [[False, False, False, False, True],
                                    [False, False, False, False, False]]
