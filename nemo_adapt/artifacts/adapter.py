@@ -44,12 +44,18 @@ def _gather_full(param: torch.Tensor) -> torch.Tensor:
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    """Full adapter tensors of this pipeline stage under global names (all TP ranks call this)."""
+    """Full adapter tensors of this pipeline stage under global names (all TP ranks call this).
+
+    Args:
+        model: this rank's stage, or the list of its virtual-pipeline chunks (a parameter replicated in
+            every chunk, as prefix tuning's MLP, is stored once: the copies are equal).
+    """
     out = {}
-    for name, param in model.named_parameters():
-        if getattr(param, "is_adapter", False):
-            module_name, _, leaf = name.rpartition(".")
-            out[f"{global_module_name(model, module_name)}.{leaf}"] = _gather_full(param)
+    for chunk in model if isinstance(model, list | tuple) else [model]:
+        for name, param in chunk.named_parameters():
+            if getattr(param, "is_adapter", False):
+                module_name, _, leaf = name.rpartition(".")
+                out[f"{global_module_name(chunk, module_name)}.{leaf}"] = _gather_full(param)
     return out
 
 
@@ -58,7 +64,7 @@ def save_adapter(model, out_dir: str | os.PathLike, peft_config: PeftConfig, met
     """Write this model's adapter as an artifact directory (all ranks call it; atomic).
 
     Args:
-        model: this rank's stage with a PEFT method applied.
+        model: this rank's stage (or list of virtual-pipeline chunks) with a PEFT method applied.
         out_dir: destination directory (replaced if it exists).
         peft_config: the method's config (saved as JSON).
         metadata: base model name, base fingerprint, data fingerprint, run, step, ... (JSON-able).

@@ -21,6 +21,7 @@ them back along the pipeline, so every rank ends with the same outputs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -90,11 +91,15 @@ def common_prefix_length(prompts: list[list[int]]) -> int:
 
 
 def accepts_chunk_masks(model) -> bool:
-    """Whether every attention layer of this stage applies an explicitly given mask during cached
-    inference (Megatron's local `DotProductAttention`, possibly inside our prefix-tuning wrapper)."""
+    """Whether every attention layer of this stage (all its chunks) applies an explicitly given mask
+    during cached inference (Megatron's local `DotProductAttention`, possibly inside our prefix-tuning
+    wrapper)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    cores = [getattr(m, "base_layer", m) for name, m in model.named_modules() if name.endswith("core_attention")]
+    from nemo_adapt.models.builder import model_chunks
+
+    cores = [getattr(m, "base_layer", m) for chunk in model_chunks(model) for name, m in chunk.named_modules()
+             if name.endswith("core_attention")]
     return bool(cores) and all(isinstance(c, DotProductAttention) for c in cores)
 
 
@@ -107,24 +112,60 @@ def _copy_cached_row(ctx, length: int) -> None:
 
 
 def _stage_forward(model, tokens, positions, ctx, hidden_shape, dtype, attention_mask=None):
-    """Run this pipeline stage on a chunk; returns logits on the last stage, else None."""
+    """Run this rank's pipeline stage on a chunk of positions; returns logits on the last stage, else None.
+
+    Under an interleaved pipeline the rank holds several model chunks and runs them in virtual-stage
+    order: chunk v takes its input from the previous pipeline rank (the last rank's chunk v - 1, for
+    chunk v of the first rank) and sends its output to the next (wrapping around likewise).
+    """
     from megatron.core import parallel_state as ps
 
-    first = ps.is_pipeline_first_stage()
-    last = ps.is_pipeline_last_stage()
-    if not first:
-        hidden = torch.empty(hidden_shape, dtype=dtype, device=tokens.device)
-        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-        model.set_input_tensor(hidden)
-    # Megatron gathers the vocabulary-parallel logits over TP itself in inference mode.
-    out = model(tokens if first else None, positions, attention_mask, inference_context=ctx,
-                runtime_gather_output=True)
-    if not last:
-        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
+    from nemo_adapt.models.builder import model_chunks
+    from nemo_adapt.peft.virtual_tokens import unwrap
+
+    out = None
+    for chunk in model_chunks(model):
+        gpt = unwrap(chunk)
+        first, last = gpt.pre_process, gpt.post_process
+        if not first:
+            hidden = torch.empty(hidden_shape, dtype=dtype, device=tokens.device)
+            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+            chunk.set_input_tensor(hidden)
+        # Megatron gathers the vocabulary-parallel logits over TP itself in inference mode.
+        out = chunk(tokens if first else None, positions, attention_mask, inference_context=ctx,
+                    runtime_gather_output=True)
+        if not last:
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            out = None
     return out
 
 
+def _first_chunk(model):
+    from nemo_adapt.models.builder import model_chunks
+
+    return model_chunks(model)[0]
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Every chunk in eval mode inside the block; each chunk's training flag restored after."""
+    from nemo_adapt.models.builder import model_chunks
+
+    chunks = model_chunks(model)
+    was = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    try:
+        yield
+    finally:
+        for c, w in zip(chunks, was):
+            c.train(w)
+
+
+def sampling_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The sampling RNG, on the device the logits live on (`torch.multinomial` refuses a generator on
+    another device); the same seed gives every rank the same draws."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @torch.no_grad()
@@ -135,7 +176,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
     All ranks of a model-parallel group call this with the same prompts and get the same result.
 
     Args:
-        model: this rank's `GPTModel` stage.
+        model: this rank's `GPTModel` stage, or the list of its virtual-pipeline chunks.
         prompts: token ids per prompt (non-empty).
         params: sampling settings.
         eos_token_ids: ids that end a sequence (not included in the output).
@@ -158,7 +199,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
         raise ConfigError("every prompt must contain at least one token")
     # Prompt tuning / p-tuning: n placeholder positions in front of each prompt; the first stage's
     # embedding hook puts the virtual tokens there, so prefill includes them. They count as prompt.
-    n_virtual = virtual_token_count(model)
+    n_virtual = virtual_token_count(_first_chunk(model))
     prompts = [[0] * n_virtual + list(p) for p in prompts]
     lengths = [len(p) for p in prompts]
     total = max(lengths) + params.max_new_tokens
@@ -168,8 +209,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
             f"longest prompt ({max(lengths)} tokens{extra}) + max_new_tokens ({params.max_new_tokens}) = {total} "
             f"exceeds the model's context of {max_sequence_length} tokens"
         )
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device = next(_first_chunk(model).parameters()).device
+    dtype = next(_first_chunk(model).parameters()).dtype
     batch = len(prompts)
     pad = next(iter(eos_token_ids)) if eos_token_ids else 0
     tokens = torch.full((batch, total), pad, dtype=torch.long, device=device)
@@ -178,16 +219,14 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
     lengths_t = torch.tensor(lengths, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     end = lengths_t + params.max_new_tokens  # exclusive end position per sequence
-    gen = torch.Generator(device="cpu").manual_seed(params.seed)
+    gen = sampling_generator(device, params.seed)
     eos = torch.tensor(sorted(eos_token_ids) or [-1], device=device)
 
-    was_training = model.training
-    model.eval()
     ctx = StaticInferenceContext(batch, total)
     prev, cur = 0, min(lengths)
     # At least one own prompt token per row after the shared part: its logits start each row's answer.
     shared = min(common_prefix_length(prompts), cur - 1) if batch > 1 and accepts_chunk_masks(model) else 0
-    try:
+    with _eval_mode(model):
         if shared >= MIN_SHARED_PREFIX:
             positions = torch.arange(shared, device=device).unsqueeze(0)
             _stage_forward(model, tokens[:1, :shared], positions, ctx, (shared, 1, hidden_size), dtype)
@@ -219,9 +258,6 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
             done |= hit_eos | (~in_prompt & (cur + 1 >= end))
             # A sequence that hit EOS keeps its EOS at `cur`; later positions are never read back.
             prev, cur = cur, cur + 1
-    finally:
-        if was_training:
-            model.train()
 
     results = []
     for i, n in enumerate(lengths):
@@ -240,17 +276,13 @@ def forward_logits(model, tokens: torch.Tensor, vocab_size: int, hidden_size: in
     """
     from nemo_adapt.peft.virtual_tokens import virtual_token_count
 
-    n_virtual = virtual_token_count(model)
+    n_virtual = virtual_token_count(_first_chunk(model))
     if n_virtual:
         tokens = torch.cat([torch.zeros(tokens.shape[0], n_virtual, dtype=tokens.dtype, device=tokens.device),
                             tokens], dim=1)
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
-    was_training = model.training
-    model.eval()
-    try:
-        out = _stage_forward(model, tokens, positions, None, (s, b, hidden_size), next(model.parameters()).dtype)
-        return None if out is None else out[:, n_virtual:, :vocab_size].float()
-    finally:
-        if was_training:
-            model.train()
+    dtype = next(_first_chunk(model).parameters()).dtype
+    with _eval_mode(model):
+        out = _stage_forward(model, tokens, positions, None, (s, b, hidden_size), dtype)
+    return None if out is None else out[:, n_virtual:, :vocab_size].float()

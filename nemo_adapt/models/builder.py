@@ -86,6 +86,31 @@ class BuildOptions:
     """Dropout after attention and MLP (fine-tuning usually keeps it at 0)."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    fp8: bool = False
+    """Megatron-Core FP8 training through Transformer Engine (`FP8_RECIPE`); GPUs with FP8 tensor cores only."""
+    packed_sequences: bool = False
+    """Rows hold several examples (block-diagonal attention). With the local spec on a GPU this turns off
+    Megatron's fused softmax, whose causal kernel applies its own triangle and ignores any given mask;
+    with Transformer Engine the trainer passes `PackedSeqParams` instead and this changes nothing."""
+    context_parallel: int = 1
+    """Context-parallel size (Transformer Engine attention only)."""
+
+
+FP8_RECIPE = {"fp8": "hybrid", "fp8_recipe": "delayed", "fp8_margin": 0, "fp8_amax_history_len": 1024,
+              "fp8_amax_compute_algo": "max"}
+"""Megatron-Core FP8 settings: E4M3 forward / E5M2 backward ("hybrid") with delayed scaling from the
+largest amax of the last 1024 steps, the recipe NeMo and Megatron-Bridge use for Llama fine-tuning.
+Adapter layers (Megatron's local linears, not Transformer Engine modules) stay in bf16."""
+
+
+def model_chunks(model) -> list:
+    """The model chunks this rank holds: a list as given (interleaved pipeline), else `[model]`."""
+    return list(model) if isinstance(model, list | tuple) else [model]
+
+
+def _on_gpu() -> bool:
+    # One place to ask, so tests can check what the GPU build would configure.
+    return torch.cuda.is_available()
 
 
 def transformer_config(spec: ModelSpec, tensor: int, pipeline: int, options: BuildOptions = BuildOptions(),
@@ -94,7 +119,8 @@ def transformer_config(spec: ModelSpec, tensor: int, pipeline: int, options: Bui
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     check_layout(spec, tensor, pipeline, virtual_pipeline)
-    gpu = torch.cuda.is_available()
+    gpu = _on_gpu()
+    use_te = have_transformer_engine() if options.use_te is None else options.use_te
     kwargs = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -112,7 +138,13 @@ def transformer_config(spec: ModelSpec, tensor: int, pipeline: int, options: Bui
         attention_dropout=options.attention_dropout,
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
+        context_parallel_size=options.context_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
+        # Interleaved 1F1B on two pipeline ranks sends activations (to "next") and gradients (to
+        # "prev") to the same peer in one step. Batched p2p posts both on one communicator in an order
+        # the peer does not mirror, so the two messages can swap; Megatron's unbatched p2p puts the two
+        # directions on different communicators for a 2-rank group and cannot mix them up.
+        batch_p2p_comm=not (virtual_pipeline and pipeline == 2),
         sequence_parallel=options.sequence_parallel and tensor > 1,
         params_dtype=options.params_dtype,
         pipeline_dtype=options.params_dtype,
@@ -122,13 +154,16 @@ def transformer_config(spec: ModelSpec, tensor: int, pipeline: int, options: Bui
         bias_activation_fusion=gpu,
         bias_dropout_fusion=gpu,
         apply_rope_fusion=False,
-        masked_softmax_fusion=gpu,
+        # The fused causal kernel ignores a given mask: packed rows on the local spec take the unfused path.
+        masked_softmax_fusion=gpu and not (options.packed_sequences and not use_te),
         persist_layer_norm=gpu,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not gpu,
         # Weights come from a checkpoint almost always; random init is for tests and from-scratch.
         perform_initialization=True,
     )
+    if options.fp8:
+        kwargs.update(FP8_RECIPE)
     if options.recompute == "selective":
         kwargs.update(recompute_granularity="selective")
     elif options.recompute == "full":
@@ -138,7 +173,7 @@ def transformer_config(spec: ModelSpec, tensor: int, pipeline: int, options: Bui
 
 def build_model(spec: ModelSpec, tensor: int = 1, pipeline: int = 1, pp_rank: int | None = None,
                 options: BuildOptions = BuildOptions(), vp_stage: int | None = None,
-                virtual_pipeline: int | None = None):
+                virtual_pipeline: int | None = None, config=None):
     """Build this rank's stage of `spec` as a Megatron-Core `GPTModel` (random weights).
 
     Megatron's parallel state must be initialised (see `nemo_adapt.parallel.runtime.initialize`).
@@ -149,6 +184,8 @@ def build_model(spec: ModelSpec, tensor: int = 1, pipeline: int = 1, pp_rank: in
         pp_rank: pipeline rank; defaults to this process's.
         options: dtype, kernels, recompute.
         vp_stage, virtual_pipeline: model chunk for the interleaved schedule.
+        config: a `TransformerConfig` to share (the chunks of one rank share one, as Megatron's schedules
+            read hooks from the first chunk's); built from the other arguments when None.
 
     Returns:
         The `GPTModel` holding this stage's layers (embedding on the first stage, output on the last).
@@ -159,7 +196,7 @@ def build_model(spec: ModelSpec, tensor: int = 1, pipeline: int = 1, pp_rank: in
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(spec, tensor, pipeline, options, virtual_pipeline)
+    config = config or transformer_config(spec, tensor, pipeline, options, virtual_pipeline)
     use_te = have_transformer_engine() if options.use_te is None else options.use_te
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec

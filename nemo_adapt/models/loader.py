@@ -104,20 +104,46 @@ def load_model(checkpoint: str | os.PathLike | CheckpointSource, model: str | Mo
     """Build this rank's `GPTModel` stage and fill it from `checkpoint` (a name or an opened source).
 
     Megatron's parallel state must be initialised; the TP/PP sizes are read from it and checked
-    against the model before any weights are read.
+    against the model before any weights are read. With an interleaved (virtual) pipeline, this rank
+    holds several chunks: use `load_model_chunks`.
 
     Returns:
         (model, source): the loaded stage and the opened `CheckpointSource`.
     """
+    chunks, source = load_model_chunks(checkpoint, model, options)
+    if len(chunks) != 1:
+        raise ValueError(f"this rank holds {len(chunks)} virtual-pipeline chunks; use load_model_chunks")
+    return chunks[0], source
+
+
+def load_model_chunks(checkpoint: str | os.PathLike | CheckpointSource, model: str | ModelSpec | None = None,
+                      options=None):
+    """Build and fill every model chunk this rank holds: one per virtual-pipeline stage (one without VP).
+
+    Chunk v of pipeline rank r holds the layers of virtual stage v * PP + r (Megatron's interleaved
+    assignment); all chunks share one `TransformerConfig`.
+
+    Returns:
+        (chunks, source): the loaded `GPTModel` chunks, in virtual-stage order, and the opened source.
+
+    Raises:
+        ParallelLayoutError: the initialised layout does not divide the model.
+    """
     from megatron.core import parallel_state as ps
 
-    from nemo_adapt.models.builder import BuildOptions, build_model, check_layout
+    from nemo_adapt.models.builder import BuildOptions, build_model, check_layout, transformer_config
     from nemo_adapt.models.weights import load_hf_into_megatron
 
     source = checkpoint if isinstance(checkpoint, CheckpointSource) else open_source(checkpoint, model)
+    options = options or BuildOptions()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    check_layout(source.spec, tp, pp)
-    stage = build_model(source.spec, tp, pp, options=options or BuildOptions())
-    load_hf_into_megatron(stage, source.spec, source.tensors, tp, ps.get_tensor_model_parallel_rank())
-    return stage, source
+    vp = ps.get_virtual_pipeline_model_parallel_world_size()
+    check_layout(source.spec, tp, pp, vp)
+    config = transformer_config(source.spec, tp, pp, options, vp)
+    chunks = []
+    for stage in range(vp) if vp else [None]:
+        chunk = build_model(source.spec, tp, pp, options=options, vp_stage=stage, virtual_pipeline=vp, config=config)
+        load_hf_into_megatron(chunk, source.spec, source.tensors, tp, ps.get_tensor_model_parallel_rank())
+        chunks.append(chunk)
+    return chunks, source

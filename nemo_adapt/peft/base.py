@@ -45,6 +45,10 @@ class PeftMethod:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[PeftConfig]] = PeftConfig
     paper: ClassVar[str] = ""
+    supports_context_parallel: ClassVar[bool] = True
+    """Whether the method runs with context parallelism (the sequence split over ranks in attention)."""
+    context_parallel_note: ClassVar[str] = ""
+    """Why not, when it does not (shown in the preflight error)."""
     tokenizer = None
     """The model's tokenizer, for methods initialised from text (set by `apply_peft`; may stay None)."""
 
@@ -195,27 +199,38 @@ def apply_peft(model: torch.nn.Module, config: PeftConfig, seed: int = 0, tokeni
     return method
 
 
-def trainable_parameters(model: torch.nn.Module, unique: bool = False) -> int:
-    """Number of trainable parameter elements held by this rank.
+def trainable_parameters(model, unique: bool = False) -> int:
+    """Number of trainable parameter elements held by this rank (over all its model chunks).
 
     With `unique`, parameters replicated over tensor-parallel ranks count on TP rank 0 only, so
     summing over the TP and PP ranks of one replica gives the model's total; copies Megatron marks
-    `shared` (a tied output layer, the prefix-tuning MLP on later pipeline stages) are not counted.
+    `shared` (a tied output layer, the prefix-tuning MLP outside the embedding's chunk) are not counted.
+
+    Args:
+        model: a module, or the list of this rank's virtual-pipeline chunks.
     """
     tp_rank = 0
     if unique:
         from megatron.core import parallel_state as ps
 
         tp_rank = ps.get_tensor_model_parallel_rank()
-    return sum(p.numel() for p in model.parameters()
+    return sum(p.numel() for chunk in _chunks(model) for p in chunk.parameters()
                if p.requires_grad and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
                and not (unique and getattr(p, "shared", False)))
 
 
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, list | tuple) else [model]
+
+
 @contextlib.contextmanager
-def adapters_disabled(model: torch.nn.Module):
-    """Run the base model: every adapter module (attribute `adapter_enabled`) is bypassed inside."""
-    modules = [m for m in model.modules() if hasattr(m, "adapter_enabled")]
+def adapters_disabled(model):
+    """Run the base model: every adapter module (attribute `adapter_enabled`) is bypassed inside.
+
+    Args:
+        model: a module, or the list of this rank's virtual-pipeline chunks.
+    """
+    modules = [m for chunk in _chunks(model) for m in chunk.modules() if hasattr(m, "adapter_enabled")]
     before = [m.adapter_enabled for m in modules]
     for m in modules:
         m.adapter_enabled = False

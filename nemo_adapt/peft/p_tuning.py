@@ -110,6 +110,8 @@ class EncodedPrompt(VirtualPrompt):
 class PTuning(PeftMethod):
     """P-tuning (Liu et al. 2021): virtual tokens from a trainable prompt encoder, first pipeline stage."""
 
+    supports_context_parallel = False
+    context_parallel_note = "virtual tokens are placed at positions 0..n-1 of the whole sequence, which context parallelism splits over ranks"
     config_class = PTuningConfig
     paper = "Liu et al. 2021, GPT Understands, Too, arXiv:2103.10385"
 

@@ -200,6 +200,9 @@ class PrefixAttention(torch.nn.Module):
 class PrefixTuning(PeftMethod):
     """Prefix tuning (Li & Liang 2021) on every self-attention layer's core attention."""
 
+    supports_context_parallel = False
+    context_parallel_note = ("its prefixes are joined to each rank's keys and values around the core attention, "
+                             "while context-parallel attention passes keys and values between ranks inside it")
     config_class = PrefixTuningConfig
     paper = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190"
 
@@ -228,7 +231,7 @@ class PrefixTuning(PeftMethod):
     def apply_model_level(self, model):
         if self._encoder is not None:
             model.prefix_encoder = self._encoder
-            mark_model_parallel_shared(self._encoder)
+            mark_model_parallel_shared(self._encoder, primary=bool(model.pre_process))
 
     @staticmethod
     def collapse(model) -> int:

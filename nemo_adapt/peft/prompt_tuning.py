@@ -134,6 +134,8 @@ def initial_prompt(gpt, config, n: int, seed: int, tokenizer) -> torch.Tensor | 
 class PromptTuning(PeftMethod):
     """Prompt tuning (Lester et al. 2021): trainable virtual-token embeddings, first pipeline stage."""
 
+    supports_context_parallel = False
+    context_parallel_note = "virtual tokens are placed at positions 0..n-1 of the whole sequence, which context parallelism splits over ranks"
     config_class = PromptTuningConfig
     paper = "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691"
 

@@ -190,39 +190,49 @@ def sharded_params(module: torch.nn.Module, prefix: str, sharded_offsets: tuple 
     return out
 
 
-def mark_model_parallel_shared(module: torch.nn.Module) -> None:
-    """Mark a module replicated on every TP x PP rank whose gradient each rank sees only part of."""
-    from megatron.core import parallel_state as ps
-
-    first_stage = ps.get_pipeline_model_parallel_rank() == 0
+def mark_model_parallel_shared(module: torch.nn.Module, primary: bool) -> None:
+    """Mark a module replicated on every TP x PP rank (and model chunk) whose gradient each copy sees
+    only part of. `primary`: this copy sits in the chunk holding the embedding (the first virtual stage
+    of the first pipeline stage); every other copy is marked `shared`."""
     for p in module.parameters():
         p.model_parallel_shared = True
-        if not first_stage:
-            p.shared = True  # Megatron's grad norm (and our counts) take the first stage's copy only
+        if not primary:
+            p.shared = True  # Megatron's grad norm (and our counts) take the primary copy only
 
 
-def with_shared_grad_reduction(finalize, model):
-    """Wrap Megatron's `finalize_model_grads`: first sum grads of `model_parallel_shared` parameters
-    over the model-parallel (TP x PP) group, then finalise as usual (DP reduction, token scaling).
+def with_shared_grad_reduction(finalize, chunks):
+    """Wrap Megatron's `finalize_model_grads`: first sum grads of `model_parallel_shared` parameters over
+    this rank's model chunks and the model-parallel (TP x PP) group, write the sum back to every copy,
+    then finalise as usual (DP reduction, token scaling). Every copy then takes the same optimizer step.
 
-    Returns `finalize` unchanged when the model has no such parameters or no model parallelism.
+    Args:
+        finalize: Megatron's `finalize_model_grads`.
+        chunks: this rank's model chunks (a module or a list; every rank holds the same number).
+
+    Returns `finalize` unchanged when the model has no such parameters or a single copy of them.
     """
     from megatron.core import parallel_state as ps
 
-    shared = [p for p in unwrap(model).parameters() if p.requires_grad and getattr(p, "model_parallel_shared", False)]
-    if not shared or ps.get_model_parallel_group().size() == 1:
+    chunks = chunks if isinstance(chunks, list | tuple) else [chunks]
+    # The copies of one parameter in each chunk, in the same module order on every chunk and rank.
+    per_chunk = [[p for p in unwrap(c).parameters() if p.requires_grad and getattr(p, "model_parallel_shared", False)]
+                 for c in chunks]
+    if not per_chunk[0] or (ps.get_model_parallel_group().size() == 1 and len(chunks) == 1):
         return finalize
 
+    def grad_of(p):
+        return p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
+
     def finalize_with_shared(model_chunks, num_tokens=None, *args, **kwargs):
-        grads = [p.main_grad if getattr(p, "main_grad", None) is not None else p.grad for p in shared]
-        grads = [g for g in grads if g is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
+        copies = [[grad_of(p) for p in params] for params in per_chunk]
+        if all(g is not None for gs in copies for g in gs):
+            flat = sum(torch.cat([g.reshape(-1) for g in gs]) for gs in copies)
             dist.all_reduce(flat, group=ps.get_model_parallel_group())
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            for gs in copies:
+                offset = 0
+                for g in gs:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
         return finalize(model_chunks, num_tokens, *args, **kwargs)
 
     return finalize_with_shared

@@ -75,8 +75,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def _model_sharded_state_dict(model, trainable_only: bool) -> dict:
-    sd = model.sharded_state_dict(prefix="")
+def _chunk_sharded_state_dict(chunk, trainable_only: bool) -> dict:
+    sd = chunk.sharded_state_dict(prefix="")
     if not trainable_only:
         return sd
     keep = {}
@@ -84,16 +84,24 @@ def _model_sharded_state_dict(model, trainable_only: bool) -> dict:
         data = getattr(value, "data", None)
         if isinstance(data, torch.nn.Parameter) and data.requires_grad:
             keep[key] = value
+    return keep
+
+
+def _model_sharded_state_dict(chunks: list, trainable_only: bool) -> dict:
+    """The sharded state of this rank's model chunks: the chunk's dict without an interleaved pipeline,
+    else {"chunk0": ..., "chunk1": ...}. The nesting is local only: every tensor is stored under its
+    global key (Megatron numbers layers globally), so checkpoints reshard between VP and non-VP layouts."""
+    per_chunk = [_chunk_sharded_state_dict(c, trainable_only) for c in chunks]
     # A pipeline stage may legitimately hold none (prompt tuning trains only the first stage's
     # virtual tokens); only a model with none on any stage is an error. All ranks get here together.
-    count = torch.tensor([len(keep)], dtype=torch.int64)
+    count = torch.tensor([sum(len(sd) for sd in per_chunk)], dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         from megatron.core import parallel_state as ps
 
         dist.all_reduce(count, group=ps.get_model_parallel_group())
     if int(count.item()) == 0:
         raise CheckpointError("no trainable parameters found to checkpoint")
-    return keep
+    return per_chunk[0] if len(chunks) == 1 else {f"chunk{i}": sd for i, sd in enumerate(per_chunk)}
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -151,9 +159,12 @@ def _preemption_proof_write_queue() -> None:
         filesystem_async._nemo_adapt_manager = manager  # keep it referenced for the process lifetime
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, trainable_only: bool,
+def save_checkpoint(run_dir: Path, chunks: list, optimizer, state: TrainState, trainable_only: bool,
                     keep_last: int) -> Path:
     """Write a checkpoint for `state.step` (all ranks call this) and prune old ones.
+
+    Args:
+        chunks: this rank's (DDP-wrapped) model chunks: one, or one per virtual-pipeline stage.
 
     Returns:
         The path of the complete checkpoint.
@@ -172,7 +183,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainState, trainabl
     dist.barrier()
 
     _preemption_proof_write_queue()
-    model_sd = _model_sharded_state_dict(model, trainable_only)
+    model_sd = _model_sharded_state_dict(chunks, trainable_only)
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)}
     dist_checkpointing.save(sharded, str(tmp / "dist"))
     save_file(_rng_state(), str(tmp / "rng" / f"rank_{dist.get_rank():05d}.safetensors"))
@@ -211,11 +222,15 @@ def read_state(path: Path) -> TrainState:
         raise CheckpointError(f"cannot read {str(path / 'state.json')!r}: {err}") from err
 
 
-def load_checkpoint(path: Path, model, optimizer, trainable_only: bool, same_layout: bool) -> TrainState:
-    """Load model (+ optimizer) state from a complete checkpoint, resharding to the current layout.
+def load_checkpoint(path: Path, chunks: list, optimizer, trainable_only: bool, same_layout: bool) -> TrainState:
+    """Load model (+ optimizer) state from a complete checkpoint, resharding to the current layout
+    (TP, PP, DP, and with or without an interleaved pipeline).
 
     RNG states are restored only when the layout is unchanged (`same_layout`); otherwise the
     caller reseeds from (seed, step).
+
+    Args:
+        chunks: this rank's (DDP-wrapped) model chunks.
 
     Raises:
         CheckpointError: unreadable or incompatible checkpoint (names the path and the problem).
@@ -223,8 +238,10 @@ def load_checkpoint(path: Path, model, optimizer, trainable_only: bool, same_lay
     from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
 
+    from nemo_adapt.peft.virtual_tokens import unwrap
+
     state = read_state(path)
-    model_sd = _model_sharded_state_dict(model, trainable_only)
+    model_sd = _model_sharded_state_dict(chunks, trainable_only)
     _materialize_distributed_adam_state(optimizer)
     sharded = {"model": model_sd,
                "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)}
@@ -232,19 +249,27 @@ def load_checkpoint(path: Path, model, optimizer, trainable_only: bool, same_lay
         loaded = dist_checkpointing.load(sharded, str(path / "dist"))
     except Exception as err:  # dist_checkpointing raises several error types for missing/mismatched shards
         raise CheckpointError(f"cannot load checkpoint {str(path)!r} into this model: {err}") from err
-    # Megatron's DDP wrapper forwards load_state_dict without returning the key report.
-    target = getattr(model, "module", model)
     # A stage with nothing trainable (prompt tuning past the first stage) gets no "model" entry back.
-    state_dict = {k.removeprefix("module."): v for k, v in loaded.get("model", {}).items()}
-    missing, unexpected = target.load_state_dict(state_dict, strict=False)
-    if unexpected:
-        raise CheckpointError(f"checkpoint {str(path)!r} has parameters this model lacks: {unexpected[:3]}")
-    if model_sd:
+    loaded_model = loaded.get("model", {})
+    per_chunk = [loaded_model] if len(chunks) == 1 else [loaded_model.get(f"chunk{i}", {}) for i in range(len(chunks))]
+    for chunk, chunk_sd in zip(chunks, per_chunk):
+        # Megatron's wrappers forward load_state_dict without returning the key report: load the GPTModel.
+        chunk_sd = {_strip_wrappers(k): v for k, v in chunk_sd.items()}
+        missing, unexpected = unwrap(chunk).load_state_dict(chunk_sd, strict=False)
+        if unexpected:
+            raise CheckpointError(f"checkpoint {str(path)!r} has parameters this model lacks: {unexpected[:3]}")
+    if any(per_chunk_sd for per_chunk_sd in ([model_sd] if len(chunks) == 1 else model_sd.values())):
         optimizer.load_state_dict(loaded["optimizer"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.safetensors"
     if same_layout and rng_file.is_file():
         _set_rng_state(load_file(str(rng_file)))
     return state
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith("module."):  # DDP / Float16Module prefixes
+        key = key[len("module."):]
+    return key
 
 
 def _materialize_distributed_adam_state(optimizer) -> None:

@@ -23,19 +23,33 @@ from nemo_adapt.errors import ConfigError
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
-    """Parameter dtype for `train.precision` on this machine (auto: bf16 on GPU, fp32 on CPU)."""
+    """Parameter dtype for `train.precision` (auto: bf16 on GPU, fp32 on CPU).
+
+    bf16 runs on the CPU too, through exactly the GPU path (bf16 weights in Megatron's `Float16Module`,
+    fp32 main parameters and gradients in the optimizer); fp8 keeps bf16 weights and runs Transformer
+    Engine GEMMs in FP8 (the preflight refuses it where no FP8 GPU or Transformer Engine exists).
+    """
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if precision in ("bf16", "fp8"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.precision={precision!r} needs a GPU; use 'auto' or 'fp32' on CPU")
         return torch.bfloat16
     return torch.float32
 
 
-def wrap_ddp(model, cfg: RecipeConfig):
-    """Megatron DDP around a stage: contiguous grad buffers, DP all-reduce or reduce-scatter."""
+def wrap_ddp(chunks: list, cfg: RecipeConfig) -> list:
+    """Megatron's wrappers around each model chunk: `Float16Module` for bf16 (casts the first stage's
+    inputs to bf16 and the last stage's outputs to fp32), then DDP (contiguous fp32 grad buffers, DP
+    all-reduce or reduce-scatter).
+
+    Args:
+        chunks: this rank's `GPTModel` chunks (one, or one per virtual-pipeline stage).
+        cfg: the recipe.
+
+    Returns:
+        The wrapped chunks, in the same order.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -45,31 +59,39 @@ def wrap_ddp(model, cfg: RecipeConfig):
         # in finalize_model_grads, not averaged by the DP size.
         average_in_collective=False,
     )
-    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    return ddp
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        if chunk.config.bf16 or chunk.config.fp16:
+            chunk = Float16Module(chunk.config, chunk)
+        # Megatron-LM buckets only the first chunk's grads (the others reduce as one bucket each).
+        wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                               disable_bucketing=i > 0))
+    return wrapped
 
 
-def connect_schedule_hooks(ddp_model, optimizer) -> None:
+def connect_schedule_hooks(ddp_chunks: list, optimizer) -> None:
     """Tell Megatron's schedules how to finish a step: DP grad reduction, tied-embedding and
     sequence-parallel grad all-reduces, division by the global token count (finalize_model_grads),
-    and no grad sync between micro-batches of one step."""
+    and no grad sync between micro-batches of one step (per chunk under an interleaved pipeline)."""
     from megatron.core.distributed import finalize_model_grads
 
     from nemo_adapt.peft.virtual_tokens import with_shared_grad_reduction
 
-    config = ddp_model.config
-    # Prefix tuning's reparameterisation MLP is replicated on every TP x PP rank and each rank sees
-    # only its layers' and heads' share of its gradient: summed over that group first (no-op otherwise).
-    config.finalize_model_grads_func = with_shared_grad_reduction(finalize_model_grads, ddp_model)
+    config = ddp_chunks[0].config  # the schedules read the hooks from the first chunk's config
+    # Prefix tuning's reparameterisation MLP is replicated on every TP x PP rank (and chunk) and each
+    # copy sees only its layers' and heads' share of its gradient: summed first (no-op otherwise).
+    config.finalize_model_grads_func = with_shared_grad_reduction(finalize_model_grads, ddp_chunks)
     config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = ddp_model.no_sync
+    config.no_sync_func = [c.no_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
 
 
-def build_optimizer(ddp_model, cfg: RecipeConfig, lr_multipliers: dict[str, float] | None = None):
-    """AdamW over the trainable parameters (Megatron's optimizer, with grad clipping).
+def build_optimizer(ddp_chunks: list, cfg: RecipeConfig, lr_multipliers: dict[str, float] | None = None):
+    """AdamW over the trainable parameters (Megatron's optimizer, with grad clipping). Under bf16 it keeps
+    fp32 main parameters and steps on the fp32 grads (Megatron's `Float16OptimizerWithFloat16Params`, or the
+    distributed optimizer's sharded fp32 copies).
 
     Args:
-        ddp_model: the Megatron DDP-wrapped model.
+        ddp_chunks: the Megatron DDP-wrapped model chunks.
         cfg: the recipe.
         lr_multipliers: parameter-name pattern -> learning-rate multiplier (the PEFT method's
             `lr_multipliers()`, e.g. LoRA+'s B matrices); each becomes its own parameter group with
@@ -78,7 +100,7 @@ def build_optimizer(ddp_model, cfg: RecipeConfig, lr_multipliers: dict[str, floa
     from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
 
     o = cfg.optim
-    dtype = ddp_model.config.params_dtype
+    dtype = ddp_chunks[0].config.params_dtype
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=o.lr,
@@ -101,7 +123,7 @@ def build_optimizer(ddp_model, cfg: RecipeConfig, lr_multipliers: dict[str, floa
         overrides = dict(get_standard_config_overrides(opt_config))
         for pattern, mult in lr_multipliers.items():
             overrides[ParamKey(name=pattern)] = {"lr_mult": mult}
-    return get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
+    return get_megatron_optimizer(opt_config, list(ddp_chunks), config_overrides=overrides)
 
 
 def lr_at(step: int, cfg: RecipeConfig, total_steps: int) -> float:
@@ -187,16 +209,43 @@ class StepData:
         return [self.dataset.collate([self.dataset[i] for i in rows[j:j + mbs]]) for j in range(0, per_rank, mbs)]
 
 
-def _attention_mask(batch: dict) -> torch.Tensor | None:
-    # Packed rows need a block-diagonal causal mask; unpacked rows are plain causal (None).
+def uses_thd_packing(model) -> bool:
+    """Whether packed rows reach this chunk's attention as Megatron's THD `PackedSeqParams`.
+
+    True when every core attention is Transformer Engine's: its causal kernels ignore a dense mask, so
+    packed rows must arrive flattened with cu_seqlens. False for Megatron's local attention (it applies
+    the block-diagonal mask; the model is built without the causal-only fused softmax for packed data,
+    see `BuildOptions.packed_sequences`) and for prefix tuning's wrapper, which hands the inner attention
+    an explicit arbitrary mask either way.
+    """
+    cores = [m for name, m in _unwrap(model).named_modules() if name.endswith("core_attention")]
+    return bool(cores) and all(type(m).__name__.startswith("TE") for m in cores)
+
+
+def packed_inputs(batch: dict, thd: bool) -> tuple[dict, torch.Tensor | None, object | None]:
+    """What the attention of a packed micro-batch receives, per backend.
+
+    Args:
+        batch: collated [b, s] tensors (tokens, labels, loss_mask, position_ids, segment_ids).
+        thd: Transformer Engine's THD path (see `uses_thd_packing`).
+
+    Returns:
+        (batch, attention_mask, packed_seq_params). THD: the batch flattened to [1, b * s] and
+        `PackedSeqParams` whose cu_seqlens start a sequence at every segment and row boundary, no mask.
+        Otherwise: the batch unchanged and a block-diagonal causal mask [b, 1, s, s] when some row holds
+        several examples (None when every row holds one: plain causal attention).
+    """
+    from nemo_adapt.data import attention_mask_from_segments, packed_seq_params
+
+    seg = batch.get("segment_ids")
     # Segments are numbered 1, 2, ... per row (0 = padding, which only follows the last example),
     # so a row holds several examples exactly when its largest segment id exceeds 1.
-    seg = batch.get("segment_ids")
     if seg is None or not bool((seg.max(dim=1).values > 1).any()):
-        return None
-    from nemo_adapt.data import attention_mask_from_segments
-
-    return attention_mask_from_segments(seg)
+        return batch, None, None
+    if thd:
+        flat = {k: v.reshape(1, -1) if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
+        return flat, None, packed_seq_params(seg)
+    return batch, attention_mask_from_segments(seg), None
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -227,15 +276,19 @@ def _unwrap(model):
     return model
 
 
-def forward_step(data_iterator: Iterator[dict], model):
-    """Megatron schedule callback: run one micro-batch through this stage.
+def forward_step(data_iterator: Iterator[dict], model, packed: bool = False):
+    """Megatron schedule callback: run one micro-batch through this chunk.
 
     On the last stage, logits are computed only where the loss mask is set (answer tokens), not
     at every position: for supervised fine-tuning most positions are prompt or padding, and the
     vocabulary projection is a large share of the FLOPs (21% of SmolLM2-135M's). The loss is the
     same; under sequence parallelism the hidden states are sequence-sharded, so the full
-    projection is used there.
+    projection is used there. `packed`: the run packs rows (`data.packing`), so on Transformer
+    Engine every micro-batch is flattened to THD (p2p shapes must not change between micro-batches).
     """
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
     from nemo_adapt.peft.virtual_tokens import prepend_virtual_positions, virtual_token_count
 
     batch = next(data_iterator)
@@ -244,32 +297,48 @@ def forward_step(data_iterator: Iterator[dict], model):
     n_virtual = virtual_token_count(model)
     if n_virtual:
         batch = prepend_virtual_positions(batch, n_virtual)
+    batch, mask, packed_params = packed_inputs(batch, packed and uses_thd_packing(model))
+    if ps.get_context_parallel_world_size() > 1:
+        # This rank's 2 of the 2 x CP sequence chunks (Megatron's load-balanced causal split).
+        batch = get_batch_on_this_cp_rank({k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")})
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device)
     positions = batch["position_ids"].to(device)
-    mask = _attention_mask(batch)
     loss_mask = batch["loss_mask"].to(device)
+    extra = {}
+    if packed_params is not None:
+        extra["packed_seq_params"] = _to_device(packed_params, device)
     gpt = _unwrap(model)
     if not gpt.post_process or gpt.config.sequence_parallel:
-        out = model(tokens, positions, mask, labels=batch["labels"].to(device))
+        out = model(tokens, positions, mask, labels=batch["labels"].to(device), **extra)
         return out, partial(_loss_func, loss_mask)
     with _without_output_layer(gpt):
-        hidden = model(tokens, positions, mask)  # [s, b, h]
+        hidden = model(tokens, positions, mask, **extra)  # [s, b, h]
     keep = loss_mask.transpose(0, 1) > 0  # [s, b]
     if not bool(keep.any()):
         # Nothing to learn in this micro-batch; keep the graph connected for the backward pass.
         return (hidden.sum() * 0).reshape(1, 1), partial(_loss_func, torch.zeros(1, device=device))
-    selected = hidden[keep].unsqueeze(1)  # [n, 1, h]
-    labels = batch["labels"].to(device).transpose(0, 1)[keep].unsqueeze(0)  # [1, n]
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    # Float16Module hands the last stage's output back in fp32; the projection runs in the weights' dtype.
+    out_dtype = (weight if weight is not None else gpt.output_layer.weight).dtype
+    selected = hidden[keep].unsqueeze(1).to(out_dtype)  # [n, 1, h]
+    labels = batch["labels"].to(device).transpose(0, 1)[keep].unsqueeze(0)  # [1, n]
     logits, _ = gpt.output_layer(selected, weight=weight)
     losses = gpt.compute_language_model_loss(labels, logits)  # [1, n]
     return losses, partial(_loss_func, torch.ones_like(losses))
 
 
-def run_schedule(ddp_model, microbatches: list[dict], seq_length: int, micro_batch_size: int,
-                 forward_only: bool) -> tuple[float, float]:
-    """Forward (and backward) over micro-batches with Megatron's pipeline schedule.
+def _to_device(params, device):
+    import dataclasses
+
+    return dataclasses.replace(params, **{f.name: getattr(params, f.name).to(device) for f in dataclasses.fields(params)
+                                          if torch.is_tensor(getattr(params, f.name))})
+
+
+def run_schedule(ddp_chunks: list, microbatches: list[dict], seq_length: int, micro_batch_size: int,
+                 forward_only: bool, packed: bool = False) -> tuple[float, float]:
+    """Forward (and backward) over micro-batches with Megatron's pipeline schedule (no pipelining,
+    1F1B, or interleaved 1F1B over this rank's chunks).
 
     Returns:
         (loss_sum, token_count) over this DP rank's micro-batches, known on every rank of the
@@ -281,9 +350,16 @@ def run_schedule(ddp_model, microbatches: list[dict], seq_length: int, micro_bat
     from nemo_adapt.peft.virtual_tokens import virtual_token_count
 
     # p2p shapes: virtual tokens (prompt tuning, p-tuning) lengthen every row on every stage.
-    seq_length += virtual_token_count(ddp_model)
+    seq_length += virtual_token_count(ddp_chunks[0])
+    if packed and uses_thd_packing(ddp_chunks[0]):
+        # THD: each micro-batch travels flattened as one row of micro_batch_size x seq_length tokens.
+        seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     fb = get_forward_backward_func()
-    losses = fb(forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp_model],
+    interleaved = len(ddp_chunks) > 1
+    # The interleaved schedule pulls micro-batches per chunk: each chunk gets its own iterator over them.
+    data = [iter(microbatches) for _ in ddp_chunks] if interleaved else iter(microbatches)
+    losses = fb(forward_step_func=partial(forward_step, packed=packed), data_iterator=data,
+                model=list(ddp_chunks) if interleaved else [ddp_chunks[0]],
                 num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
                 decoder_seq_length=seq_length, forward_only=forward_only)
     total = torch.zeros(2, dtype=torch.float64)
@@ -297,17 +373,18 @@ def run_schedule(ddp_model, microbatches: list[dict], seq_length: int, micro_bat
 
 
 def global_mean(loss_sum: float, tokens: float) -> float:
-    """Per-token mean over all data-parallel ranks."""
+    """Per-token mean over all data-parallel (and context-parallel) ranks."""
     from megatron.core import parallel_state as ps
 
     t = torch.tensor([loss_sum, tokens], dtype=torch.float64)
-    if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    if group.size() > 1:
+        dist.all_reduce(t, group=group)
     return float(t[0] / max(t[1], 1.0))
 
 
-def train_step(ddp_model, optimizer, microbatches: list[dict], seq_length: int, micro_batch_size: int,
-               lr: float) -> tuple[float, float, bool]:
+def train_step(ddp_chunks: list, optimizer, microbatches: list[dict], seq_length: int, micro_batch_size: int,
+               lr: float, packed: bool = False) -> tuple[float, float, bool]:
     """One optimizer step over this rank's micro-batches, at learning rate `lr` (times a group's
     multiplier, see `set_lr`).
 
@@ -315,19 +392,22 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], seq_length: int, 
         (loss, grad_norm, updated): global per-token loss of the batch, gradient norm, and whether
         the update was applied (False only when fp16 loss scaling finds inf/nan).
     """
-    ddp_model.zero_grad_buffer()
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    loss_sum, tokens = run_schedule(ddp_model, microbatches, seq_length, micro_batch_size, forward_only=False)
+    loss_sum, tokens = run_schedule(ddp_chunks, microbatches, seq_length, micro_batch_size, forward_only=False,
+                                    packed=packed)
     set_lr(optimizer, lr)
     updated, grad_norm, _ = optimizer.step()
     return global_mean(loss_sum, tokens), float(grad_norm or 0.0), bool(updated)
 
 
 @torch.no_grad()
-def validation_loss(ddp_model, dataset, plan: BatchPlan, dp_rank: int, seq_length: int,
-                    max_batches: int | None = None) -> float:
+def validation_loss(ddp_chunks: list, dataset, plan: BatchPlan, dp_rank: int, seq_length: int,
+                    max_batches: int | None = None, packed: bool = False) -> float:
     """Per-token loss over the validation split (every rank returns the same value)."""
-    ddp_model.eval()
+    for chunk in ddp_chunks:
+        chunk.eval()
     try:
         per_rank = plan.global_batch_size // plan.data_parallel
         # Whole global batches only: pipeline p2p shapes assume full micro-batches (the trainer
@@ -340,9 +420,10 @@ def validation_loss(ddp_model, dataset, plan: BatchPlan, dp_rank: int, seq_lengt
             mine = list(range(start + dp_rank * per_rank, start + (dp_rank + 1) * per_rank))
             mbs = plan.micro_batch_size
             mb = [dataset.collate([dataset[i] for i in mine[j:j + mbs]]) for j in range(0, len(mine), mbs)]
-            s, t = run_schedule(ddp_model, mb, seq_length, mbs, forward_only=True)
+            s, t = run_schedule(ddp_chunks, mb, seq_length, mbs, forward_only=True, packed=packed)
             loss_sum += s
             tokens += t
         return global_mean(loss_sum, tokens)
     finally:
-        ddp_model.train()
+        for chunk in ddp_chunks:
+            chunk.train()

@@ -21,16 +21,18 @@ import torch.distributed as dist
 from nemo_adapt.errors import ConfigError
 
 
-def preflight(cfg, world_size: int):
+def preflight(cfg, world_size: int, target=None):
     """Validate everything that can be checked without building the model; return the opened checkpoint.
+
+    Data files must exist and be readable, the base checkpoint must open (config and tensor index, no
+    weights), and the recipe must pass `training.preflight.check_recipe` on `target` (default: this
+    machine) with `world_size` ranks.
 
     Raises:
         ConfigError / CheckpointError / ParallelLayoutError: the first problem found, clearly named.
     """
-    from nemo_adapt.models.builder import check_layout
     from nemo_adapt.models.loader import open_source
-    from nemo_adapt.peft.base import get_peft_method
-    from nemo_adapt.training.engine import BatchPlan
+    from nemo_adapt.training.preflight import Target, check_recipe
 
     for key in ("train", "validation", "test"):
         path = getattr(cfg.data, key)
@@ -40,25 +42,8 @@ def preflight(cfg, world_size: int):
             raise ConfigError(f"data.{key}={path!r} does not exist (relative paths are from {os.getcwd()!r})")
         if path and not os.access(path, os.R_OK):
             raise ConfigError(f"data.{key}={path!r} is not readable")
-    method = get_peft_method(cfg.peft.method)
     source = open_source(cfg.model.checkpoint, cfg.model.name)
-    if method is not None:
-        method.check_recipe(cfg.peft, cfg, source.spec)  # e.g. virtual tokens need room and no packing
-    p = cfg.parallel
-    check_layout(source.spec, p.tensor, p.pipeline, p.virtual_pipeline)
-    model_parallel = p.tensor * p.pipeline * p.context
-    if world_size % model_parallel:
-        raise ConfigError(f"{world_size} processes cannot hold tensor x pipeline x context = {model_parallel}; "
-                          f"launch a multiple of {model_parallel} processes")
-    if p.virtual_pipeline or p.context > 1:
-        raise ConfigError("parallel.virtual_pipeline and parallel.context > 1 are not supported by the trainer yet; "
-                          "set them to null and 1")
-    if p.sequence_parallel and not torch.cuda.is_available():
-        raise ConfigError("parallel.sequence_parallel needs GPUs; set it to false on CPU")
-    BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, world_size // model_parallel)
-    if cfg.data.seq_length > source.spec.max_position_embeddings:
-        raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds the model's context of "
-                          f"{source.spec.max_position_embeddings} tokens")
+    check_recipe(cfg, source.spec, world_size, target or Target.here())
     return source
 
 
@@ -78,9 +63,10 @@ def run(recipe: str, overrides: list[str]) -> int:
     from nemo_adapt.eval.runner import baseline_shots, evaluate_task, write_predictions
     from nemo_adapt.logging import RunLogger
     from nemo_adapt.models.builder import BuildOptions
-    from nemo_adapt.models.loader import base_fingerprint, load_model
+    from nemo_adapt.models.loader import base_fingerprint, load_model_chunks
     from nemo_adapt.parallel import runtime
     from nemo_adapt.peft.base import adapters_disabled, apply_peft, trainable_parameters
+    from nemo_adapt.peft.virtual_tokens import unwrap
     from nemo_adapt.tokenizer import load_tokenizer
     from nemo_adapt.training import checkpoint as ckpt
     from nemo_adapt.training import engine
@@ -98,6 +84,7 @@ def run(recipe: str, overrides: list[str]) -> int:
 
     p = cfg.parallel
     info = runtime.initialize(runtime.ParallelLayout(tensor=p.tensor, pipeline=p.pipeline,
+                                                     virtual_pipeline=p.virtual_pipeline, context=p.context,
                                                      sequence_parallel=p.sequence_parallel), seed=cfg.run.seed)
     main_rank = info.rank == 0
 
@@ -111,15 +98,20 @@ def run(recipe: str, overrides: list[str]) -> int:
     seq = cfg.data.seq_length
 
     dtype = engine.resolve_dtype(cfg.train.precision)
-    options = BuildOptions(params_dtype=dtype, sequence_parallel=p.sequence_parallel, recompute=p.recompute)
-    model, source = load_model(source, options=options)
+    options = BuildOptions(params_dtype=dtype, sequence_parallel=p.sequence_parallel, recompute=p.recompute,
+                           fp8=cfg.train.precision == "fp8", packed_sequences=cfg.data.packing,
+                           context_parallel=p.context)
+    # One chunk per virtual-pipeline stage this rank holds (one without an interleaved pipeline).
+    chunks, source = load_model_chunks(source, options=options)
     spec = source.spec
-    model.config.calculate_per_token_loss = True
-    method = apply_peft(model, cfg.peft, seed=cfg.run.seed, tokenizer=tokenizer)
-    n_trainable = _sum_over_model_parallel(trainable_parameters(model, unique=True))
-    ddp = engine.wrap_ddp(model, cfg)
+    chunks[0].config.calculate_per_token_loss = True  # one TransformerConfig, shared by the chunks
+    methods = [apply_peft(c, cfg.peft, seed=cfg.run.seed, tokenizer=tokenizer) for c in chunks]
+    method = methods[0]
+    n_trainable = _sum_over_model_parallel(trainable_parameters(chunks, unique=True))
+    ddp = engine.wrap_ddp(chunks, cfg)
     optimizer = engine.build_optimizer(ddp, cfg, method.lr_multipliers() if method else None)
     engine.connect_schedule_hooks(ddp, optimizer)
+    packed = cfg.data.packing
 
     plan = engine.BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, info.data_parallel)
     steps = engine.StepData(data.train, plan, cfg.run.seed)
@@ -129,7 +121,8 @@ def run(recipe: str, overrides: list[str]) -> int:
                           f"train.global_batch_size={plan.global_batch_size}")
     trainable_only = cfg.peft.method != "none"
     fingerprint = base_fingerprint(source)
-    layout = {"tensor": p.tensor, "pipeline": p.pipeline, "data": info.data_parallel}
+    layout = {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
+              "context": p.context, "data": info.data_parallel}
 
     start_step, tokens_seen = 0, 0
     if latest is not None:
@@ -176,7 +169,7 @@ def run(recipe: str, overrides: list[str]) -> int:
         t0 = time.perf_counter()
         batches = steps.microbatches(step, info.dp_rank)
         lr = engine.lr_at(step, cfg, total_steps)
-        loss, grad_norm, _ = engine.train_step(ddp, optimizer, batches, seq, plan.micro_batch_size, lr)
+        loss, grad_norm, _ = engine.train_step(ddp, optimizer, batches, seq, plan.micro_batch_size, lr, packed)
         dt = time.perf_counter() - t0
         if dt < _MIN_STEP_SECONDS:  # test pacing only (see _MIN_STEP_SECONDS)
             time.sleep(_MIN_STEP_SECONDS - dt)
@@ -191,7 +184,7 @@ def run(recipe: str, overrides: list[str]) -> int:
                               "train/tokens_seen": tokens_seen})
         if data.validation is not None and cfg.run.eval_interval and step % cfg.run.eval_interval == 0:
             logger.log(step, {"val/loss": engine.validation_loss(ddp, data.validation, plan, info.dp_rank, seq,
-                                                                 cfg.run.eval_batches)})
+                                                                 cfg.run.eval_batches, packed)})
         if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < total_steps:
             save(step)
         if preemption.requested():
@@ -203,24 +196,25 @@ def run(recipe: str, overrides: list[str]) -> int:
     # ---------------------------------------------------------------- evaluate
     results = {}
     adapter_dir = None
+    # The bare GPTModel chunks (inside DDP and Float16Module): what generation and artifacts walk.
+    module = [unwrap(c) for c in ddp] if len(ddp) > 1 else unwrap(ddp[0])
     if exit_code == 0:
         save(step)
         if trainable_only:
             from nemo_adapt.artifacts.adapter import save_adapter
 
-            adapter_dir = save_adapter(ddp.module, run_dir / "adapter", cfg.peft, {
+            adapter_dir = save_adapter(module, run_dir / "adapter", cfg.peft, {
                 "base_model": spec.name, "base_checkpoint": source.location,
                 "base_model_fingerprint": fingerprint, "data_fingerprint": data.fingerprint["combined"],
                 "run": cfg.run.name, "step": step})
         if data.validation is not None:
             logger.log(step, {"val/loss": engine.validation_loss(ddp, data.validation, plan, info.dp_rank, seq,
-                                                                 cfg.run.eval_batches)})
+                                                                 cfg.run.eval_batches, packed)})
         if cfg.eval.enabled and cfg.data.test:
             d = cfg.data
             # The adapted model is asked the way it was trained; the baseline gets the records' own
             # instructions (they differ only with data.replace_system_prompt).
             test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt)
-            module = ddp.module
             results["adapted"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, label="adapted")
             if trainable_only and cfg.eval.baseline:
                 baseline_test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt)
