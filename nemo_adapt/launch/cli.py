@@ -3,8 +3,9 @@
     nemo-adapt launch recipes/llama3_70b_lora.yaml --dry-run            # print the script and its commands
     nemo-adapt launch recipes/llama3_70b_lora.yaml --nodes 2 --chain eval --wait
 
-Order: load and validate the recipe with its overrides, refuse it when it cannot fit the requested
-GPUs (planner), render the sbatch script, then (unless --dry-run) save it under logs/ and submit it;
+Order: load and validate the recipe with its overrides, run the trainer's recipe checks against the
+cluster (GPU type, container, nodes x GPUs; no weights or data read), refuse it when it cannot fit the
+requested GPUs (planner), render the sbatch script, then (unless --dry-run) save it under logs/ and submit it;
 `--chain` submits follow-up jobs with --dependency=afterok; `--wait` follows the chain and reports the
 first failure with its job id and log path (exit 1).
 """
@@ -45,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
     gpu = args.gpu if args.gpu is not None else base.cluster.gpu
     if gpu in ("none", "cpu"):
         gpu = None
-    cfg, result = render.check_fits(args.recipe, args.overrides, nodes, gpus, gpu)
-    container = args.container or os.environ.get("NEMO_ADAPT_CONTAINER") or (render.DEFAULT_CONTAINER if gpu
-                                                                              else "none")
+    # The image decides what the ranks have (Transformer Engine for FP8 and context parallelism), so it is
+    # known before the checks.
+    container = render.default_container(gpu, args.container)
+    cfg, result = render.check_fits(args.recipe, args.overrides, nodes, gpus, gpu, container)
     env = {k: os.environ[k] for k in render.KNOBS if os.environ.get(k) and k not in (
         "NEMO_ADAPT_CONTAINER", "NEMO_ADAPT_GPUS_PER_NODE")}
     chain = [c for c in (args.chain or "").split(",") if c]

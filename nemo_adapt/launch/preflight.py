@@ -4,8 +4,9 @@
 
 Runs once per job (one task on the first node, inside the same container as the ranks, so paths are
 checked as the ranks will see them): the recipe and overrides load; data files exist and are
-readable; the base checkpoint opens (config and tensor index only, no weights); the parallel layout
-divides the world size; the run directory is writable; a checkpoint to resume from is readable.
+readable; the base checkpoint opens (config and tensor index only, no weights); the trainer's recipe
+checks (`training.preflight.check_recipe`: layout, world size, batch split, sequence/context parallelism,
+FP8) pass on this node's GPU; the run directory is writable; a checkpoint to resume from is readable.
 Prints `run_dir=<path>` on success; on failure prints one line naming the problem and exits 2.
 """
 
@@ -40,7 +41,7 @@ def check(recipe: str, overrides: list[str], world_size: int) -> Path:
     from nemo_adapt.training.main import preflight
 
     cfg = load_recipe(recipe, overrides)
-    preflight(cfg, world_size)
+    preflight(cfg, world_size, _job_target(cfg))
     run_dir = resolve_run_dir(cfg)
     existing = next((p for p in [run_dir, *run_dir.parents] if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK):
@@ -53,6 +54,20 @@ def check(recipe: str, overrides: list[str], world_size: int) -> Path:
                 raise CheckpointError(f"checkpoint {str(latest)!r} to resume from is not readable")
             ckpt.read_state(latest)
     return run_dir
+
+
+def _job_target(cfg):
+    """What the ranks run on. This step is one task that Slurm may start without GPUs (the ranks get them);
+    then the recipe's `cluster.gpu` and the job's container stand in for the node, as on the login node.
+    The ranks check their own GPU again when they start."""
+    import torch
+
+    from nemo_adapt.launch.render import default_container
+    from nemo_adapt.training.preflight import Target
+
+    if torch.cuda.is_available() or cfg.cluster.gpu is None:
+        return Target.here()
+    return Target.cluster(cfg.cluster.gpu, default_container(cfg.cluster.gpu))
 
 
 def main(argv: list[str] | None = None) -> int:

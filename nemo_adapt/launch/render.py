@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,54 +81,67 @@ class LaunchSpec:
                                   f"{', '.join(KNOBS)} (secrets such as WANDB_API_KEY stay in the environment)")
 
 
-def check_fits(recipe: str, overrides: list[str], nodes: int, gpus_per_node: int, gpu: str | None):
+def default_container(gpu: str | None, container: str | None = None) -> str:
+    """The image a job runs in: `container` when given, else $NEMO_ADAPT_CONTAINER, else the pinned NGC
+    image for GPU jobs and bare metal (`none`) for CPU jobs (as `nemo-adapt launch` renders it)."""
+    return container or os.environ.get("NEMO_ADAPT_CONTAINER") or (DEFAULT_CONTAINER if gpu else "none")
+
+
+def check_fits(recipe: str, overrides: list[str], nodes: int, gpus_per_node: int, gpu: str | None,
+               container: str | None = None):
     """Refuse a recipe that cannot run on `nodes` x `gpus_per_node` before anything is submitted.
 
-    Loads and validates the recipe with its overrides (errors name file:line or the override), checks
-    that tensor x pipeline x context divides the world size and that the global batch splits over
-    the data-parallel ranks, and, for GPU jobs, asks the planner whether the recipe's layout fits the
-    GPU's memory.
+    Loads and validates the recipe with its overrides (errors name file:line or the override), then runs
+    the trainer's own recipe checks (`training.preflight.check_recipe`: the layout divides the model and
+    the world size, the batch splits, virtual-pipeline micro-batch groups, sequence/context parallelism,
+    FP8) against the cluster (`Target.cluster(gpu, container)`, the architecture from the model registry;
+    no weights or data files are read, so data paths that exist only inside the job are fine). Then the
+    launch-only checks: tensor parallelism stays within a node, and, for GPU jobs, the planner says the
+    recipe's layout fits the GPU's memory.
 
     Args:
         recipe: recipe file.
         overrides: `key=value` overrides.
         nodes, gpus_per_node: the allocation.
         gpu: GPU type for the memory check (None: CPU job, no memory check).
+        container: the image the job runs in, or `none` for bare metal (decides whether Transformer
+            Engine is there); None: `default_container(gpu)`.
 
     Returns:
         (cfg, plan_result): the validated config and the planner's result (None for CPU jobs).
 
     Raises:
-        ConfigError: the recipe is invalid or does not fit; the message says why and what would.
+        ConfigError: the recipe is invalid or does not fit; the message names the recipe and the allocation,
+            says why and what would work.
     """
-    from nemo_adapt.config import dump_resolved, load_recipe
+    from nemo_adapt.config import load_recipe
+    from nemo_adapt.errors import NemoAdaptError
+    from nemo_adapt.models.spec import get_model_spec
+    from nemo_adapt.planner import plan
+    from nemo_adapt.planner.search import model_name_for_recipe, request_from_config
+    from nemo_adapt.training.preflight import Target, check_recipe
 
     cfg = load_recipe(recipe, overrides)
     p = cfg.parallel
-    world = nodes * gpus_per_node
-    mp = p.tensor * p.pipeline * p.context
-    where = f"{recipe} on {nodes} node(s) x {gpus_per_node} GPU(s)"
-    if world % mp:
-        raise ConfigError(f"{where}: {world} ranks cannot hold tensor x pipeline x context = {p.tensor} x "
-                          f"{p.pipeline} x {p.context} = {mp}; use a multiple of {mp} ranks or change parallel.*")
-    dp = world // mp
-    if cfg.train.global_batch_size % (dp * cfg.train.micro_batch_size):
-        raise ConfigError(f"{where}: train.global_batch_size={cfg.train.global_batch_size} does not split into "
-                          f"data-parallel {dp} x train.micro_batch_size={cfg.train.micro_batch_size}")
+    where = f"{recipe} on {nodes} node(s) x {gpus_per_node} " + (f"GPU(s) of {gpu}" if gpu else "CPU rank(s)")
+    try:
+        try:
+            spec = get_model_spec(model_name_for_recipe(cfg))
+        except KeyError as err:
+            raise ConfigError(f"model.name: {err.args[0]}") from None
+        check_recipe(cfg, spec, nodes * gpus_per_node, Target.cluster(gpu, default_container(gpu, container)))
+    except NemoAdaptError as err:
+        raise type(err)(f"{where}: {err}") from None
     if p.tensor > gpus_per_node:
         raise ConfigError(f"{where}: parallel.tensor={p.tensor} spans nodes; keep it <= {gpus_per_node} "
                           "(tensor parallelism needs NVLink)")
     if gpu is None:
         return cfg, None
 
-    from nemo_adapt.planner import plan, request_from_recipe
-
-    # The planner reads recipe files; give it the resolved config, overrides included.
-    with tempfile.TemporaryDirectory(prefix="nemo-adapt-launch-") as tmp:
-        resolved = Path(tmp) / "resolved.yaml"
-        resolved.write_text(dump_resolved(cfg))
-        request = request_from_recipe(resolved, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node)
-    result = plan(request)
+    try:
+        result = plan(request_from_config(cfg, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node))
+    except NemoAdaptError as err:
+        raise type(err)(f"{where}: {err}") from None
     if not result.ok:
         if result.explicit_error:
             why = f"the layout breaks a constraint: {result.explicit_error}"
@@ -140,8 +152,8 @@ def check_fits(recipe: str, overrides: list[str], nodes: int, gpus_per_node: int
             best = result.ranked[0]
             alternative = (f"; a layout that fits: {best.layout.label()} "
                            f"({best.fit.required_gib:.1f} of {best.fit.capacity_gib:.1f} GiB)")
-        raise ConfigError(f"{where} of {gpu}: refused before submitting: {why}{alternative} "
-                          f"(details: nemo-adapt plan {recipe} --nodes {nodes} --gpus-per-node {gpus_per_node})")
+        raise ConfigError(f"{where}: refused before submitting: {why}{alternative} "
+                          f"(details: nemo-adapt plan {recipe} --gpu {gpu} --nodes {nodes} --gpus-per-node {gpus_per_node})")
     return cfg, result
 
 

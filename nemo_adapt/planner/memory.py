@@ -70,8 +70,10 @@ class Layout:
     """Megatron sequence parallelism (shards norm/dropout activations over TP); no effect at TP=1."""
     recompute: str = "none"
     """Activation recomputation: none, selective (attention core) or full (whole layer)."""
-    distributed_optimizer: bool = True
-    """Shard fp32 master weights and Adam states over the data-parallel (x context-parallel) ranks."""
+    distributed_optimizer: bool = False
+    """Shard fp32 master weights and Adam states over the data-parallel (x context-parallel) ranks. Off by
+    default, as the trainer's `parallel.distributed_optimizer` (`config.schema.ParallelConfig`); the field
+    defaults of this class equal the trainer's (tests/unit/test_planner_search.py checks them)."""
     embedding_loss_split: bool = False
     """Megatron-Core `account_for_embedding_in_pipeline_split` + `account_for_loss_in_pipeline_split`:
     the embedding and the loss count as one layer each, so PP*VP divides num_layers + 2 and the first and
@@ -172,15 +174,18 @@ def local_kv_heads(spec: ModelSpec, tp: int) -> int:
 
 _PEFT_DEFAULTS: dict[str, dict] = {
     "none": {},
-    "lora": {"rank": 16, "alpha": None, "target_modules": LORA_TARGETS, "layers": None},
-    "dora": {"rank": 16, "alpha": None, "target_modules": LORA_TARGETS, "layers": None},
+    "lora": {"rank": 8, "alpha": None, "target_modules": LORA_TARGETS, "layers": None},
+    "dora": {"rank": 8, "alpha": None, "target_modules": LORA_TARGETS, "layers": None},
     "adapter": {"bottleneck": 32, "placements": ("attention", "mlp"), "bias": True},
     "ia3": {"targets": ("keys", "values", "ffn")},
     "prompt_tuning": {"num_virtual_tokens": 20},
     "ptuning": {"num_virtual_tokens": 20, "encoder": "mlp", "encoder_hidden": None, "encoder_layers": 2},
     "prefix_tuning": {"num_prefix_tokens": 20, "reparameterize": True, "reparam_hidden": 512},
 }
-"""Per-method arguments and their defaults; `alpha` is accepted (it scales, it adds no parameters)."""
+"""Per-method arguments and their defaults; `alpha` is accepted (it scales, it adds no parameters). The
+defaults equal the trainer's (the PEFT methods' config classes, e.g. `peft.lora.LoRAConfig.rank`), which
+tests/unit/test_planner_search.py checks; recipes are planned with the recipe's own values
+(`search.request_from_config`)."""
 
 PEFT_ALIASES = {"p_tuning": "ptuning"}
 """Registered method names (`peft.method` in recipes) the planner knows under another key."""

@@ -33,6 +33,9 @@ from nemo_adapt.errors import ConfigError, ParallelLayoutError
 from nemo_adapt.models.spec import ModelSpec, get_model_spec
 from nemo_adapt.planner.gpus import GPUSpec, get_gpu
 from nemo_adapt.planner.memory import (
+    _PEFT_DEFAULTS,
+    PEFT_ALIASES,
+    PEFT_METHODS,
     PRECISIONS,
     RECOMPUTE_MODES,
     FitReport,
@@ -531,123 +534,150 @@ def _rank_key(c: Candidate) -> tuple:
 # Recipes
 # --------------------------------------------------------------------------------------------------
 
-_PEFT_RECIPE_KEYS = {
-    "lora": ("rank", "alpha", "target_modules", "layers"), "dora": ("rank", "alpha", "target_modules", "layers"),
-    "adapter": ("bottleneck", "placements", "bias"), "ia3": ("targets",), "prompt_tuning": ("num_virtual_tokens",),
-    "ptuning": ("num_virtual_tokens",), "prefix_tuning": ("num_prefix_tokens", "reparameterize", "reparam_hidden"),
-    "p_tuning": ("num_virtual_tokens", "encoder", "encoder_hidden", "encoder_layers"), "none": (),
-}
+
+def model_name_for_recipe(cfg) -> str:
+    """The registered architecture a recipe trains, found without opening its checkpoint.
+
+    `embedded:smollm2_135m` and `random:<name>` checkpoints name their architecture; any other checkpoint
+    (a Hugging Face directory, a .gguf file: usually only reachable inside the job) is taken to be
+    `model.name`, which the trainer checks against the checkpoint's config when it opens it.
+
+    Args:
+        cfg: a validated `RecipeConfig`.
+
+    Raises:
+        ConfigError: the checkpoint names an architecture other than `model.name` (the trainer refuses
+            that mismatch when it opens the checkpoint).
+    """
+    from nemo_adapt.models.embedded import EMBEDDED_NAME, EMBEDDED_SPEC
+    from nemo_adapt.models.random_init import PREFIX
+
+    checkpoint = str(cfg.model.checkpoint)
+    if checkpoint in (EMBEDDED_NAME, "embedded"):
+        named = EMBEDDED_SPEC
+    elif checkpoint.startswith(PREFIX):
+        named = checkpoint[len(PREFIX):]
+    else:
+        return cfg.model.name
+    if named != cfg.model.name:
+        from nemo_adapt.config.schema import ModelConfig
+
+        default = ModelConfig()  # at most one of the two is its default: the defaults agree
+        if checkpoint == default.checkpoint:
+            what, fix = (" (its default)", f"give model.checkpoint (a Hugging Face directory or .gguf file of "
+                                           f"{cfg.model.name}) or set model.name={named}")
+        else:
+            what, fix = "", f"set model.name={named}"
+        unset = " (its default)" if cfg.model.name == default.name else ""
+        raise ConfigError(f"model.checkpoint={checkpoint!r}{what} holds the {named} architecture, but model.name="
+                          f"{cfg.model.name!r}{unset}; {fix}")
+    return named
 
 
-def _load_yaml(path: Path) -> dict:
+def _peft_args_from_config(peft, source: str) -> tuple[str, dict]:
+    """The planner's method name and arguments, read from the recipe's typed `peft` config: every key the
+    planner's formulas take, with the trainer's values (its defaults included)."""
+    method = peft.method
+    keys = _PEFT_DEFAULTS.get(PEFT_ALIASES.get(method, method))
+    if keys is None:
+        raise ConfigError(f"{source}peft.method={method!r} is not modelled by the planner; it models: "
+                          f"{', '.join(m for m in PEFT_METHODS if m != 'ptuning')}, p_tuning")
+    args = {}
+    for key in keys:
+        value = getattr(peft, key, None)
+        if value is not None:
+            args[key] = tuple(value) if isinstance(value, list) else value
+    return method, args
+
+
+def request_from_config(cfg, *, gpu: str | None = None, nodes: int | None = None, gpus_per_node: int | None = None,
+                        seq_length: int | None = None, global_batch_size: int | None = None,
+                        precision: str | None = None, source: str | None = None, **request_kwargs) -> PlanRequest:
+    """Build a PlanRequest from a validated recipe config (`nemo_adapt.config.load_recipe`), with overrides.
+
+    Every value the trainer would use is read from `cfg`, so a key the recipe leaves unset has the
+    trainer's default (the schema dataclasses' and the PEFT method's config defaults): e.g.
+    `parallel.distributed_optimizer` unset is the trainer's `false`, `peft.rank` unset is the method's
+    default rank. The layout is always the recipe's (the schema's TP1/PP1 when it has no `parallel:`
+    section), as the trainer would run it; `train.precision=auto` is planned as bf16 (what the trainer
+    picks on a GPU).
+
+    Reads: the architecture (`model_name_for_recipe`); peft.method and the arguments its parameter count
+    takes; parallel.{tensor, pipeline, virtual_pipeline, context, sequence_parallel,
+    distributed_optimizer, recompute}; data.seq_length; train.{global_batch_size, micro_batch_size,
+    precision}; cluster.{gpu, nodes, gpus_per_node}.
+
+    Args:
+        cfg: the `RecipeConfig`.
+        gpu, nodes, gpus_per_node, seq_length, global_batch_size, precision: override the recipe.
+        source: the recipe file, for messages and `PlanRequest.source`.
+        **request_kwargs: further PlanRequest fields (micro_batch_sizes, memory, perf, ...).
+
+    Raises:
+        ConfigError: no GPU type (a CPU recipe without --gpu), a method the planner does not model, or
+            invalid values (named).
+    """
+    where = f"{source}: " if source else ""
+    model = model_name_for_recipe(cfg)
+    method, peft_args = _peft_args_from_config(cfg.peft, where)
+    gpu_name = gpu if gpu is not None else cfg.cluster.gpu
+    if gpu_name is None:
+        raise ConfigError(f"{where}cluster.gpu is not set (a CPU recipe); pass --gpu to plan it for a GPU type")
+    n_nodes = nodes if nodes is not None else cfg.cluster.nodes
+    gpn = gpus_per_node if gpus_per_node is not None else cfg.cluster.gpus_per_node
+    seq = seq_length if seq_length is not None else cfg.data.seq_length
+    gbs = global_batch_size if global_batch_size is not None else cfg.train.global_batch_size
+    prec = precision if precision is not None else cfg.train.precision
+    if prec == "auto":  # the trainer's `auto` is bf16 on a GPU, which is what the planner sizes
+        prec = "bf16"
+    if prec not in PRECISIONS:
+        raise ConfigError(f"{where}train.precision={prec!r}; the planner models: {', '.join(PRECISIONS)}")
+
+    p = cfg.parallel
+    mp = p.tensor * p.pipeline * p.context
+    # A DP that does not divide evenly is reported as a `world_size` violation by the planner.
+    dp = max(1, (n_nodes * gpn) // mp)
     try:
-        from omegaconf import OmegaConf  # lazy: only recipes need it
-
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        import yaml
-
-        data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a YAML mapping")
-    return data
-
-
-def _section(data: dict, key: str, path: Path) -> dict:
-    value = data.get(key) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: `{key}` must be a mapping, got {type(value).__name__}")
-    return value
+        layout = Layout(tp=p.tensor, pp=p.pipeline, vp=p.virtual_pipeline or 1, cp=p.context, dp=dp,
+                        micro_batch_size=cfg.train.micro_batch_size, sequence_parallel=p.sequence_parallel,
+                        recompute=p.recompute or "none", distributed_optimizer=p.distributed_optimizer)
+    except ConfigError as err:
+        raise type(err)(f"{where}parallel: {err}") from None
+    return PlanRequest(model=model, gpu=gpu_name, nodes=n_nodes, gpus_per_node=gpn, seq_length=seq,
+                       global_batch_size=gbs, method=method, peft_args=peft_args, precision=prec, layout=layout,
+                       source=source, **request_kwargs)
 
 
 def request_from_recipe(path: str | Path, *, gpu: str | None = None, nodes: int | None = None,
                         gpus_per_node: int | None = None, seq_length: int | None = None,
                         global_batch_size: int | None = None, precision: str | None = None,
-                        **request_kwargs) -> PlanRequest:
-    """Build a PlanRequest from a recipe YAML, with command-line overrides.
+                        overrides: list[str] | tuple[str, ...] = (), **request_kwargs) -> PlanRequest:
+    """Build a PlanRequest from a recipe file, loaded and validated as the trainer loads it.
 
-    Reads only: model.name; peft.method and its arguments (rank, alpha, target_modules, bottleneck, placements,
-    bias, targets, num_virtual_tokens, num_prefix_tokens); parallel.{tensor, pipeline, virtual_pipeline, context,
-    sequence_parallel, distributed_optimizer, recompute}; data.seq_length;
-    train.{global_batch_size, micro_batch_size, precision}; cluster.{gpu, nodes, gpus_per_node}.
-    Everything else in the recipe is ignored.
+    The recipe goes through `nemo_adapt.config.load_recipe` (the trainer's loader: schema defaults,
+    `key=value` overrides, validation with file:line), then `request_from_config`; so `nemo-adapt plan`
+    and `nemo-adapt launch` plan exactly what `nemo-adapt run` would train.
 
     Args:
         path: recipe file.
         gpu, nodes, gpus_per_node, seq_length, global_batch_size, precision: override the recipe.
+        overrides: `key=value` recipe overrides.
         **request_kwargs: further PlanRequest fields (micro_batch_sizes, memory, perf, ...).
 
-    Returns:
-        PlanRequest; `layout` is set when the recipe has a `parallel:` section.
-
     Raises:
-        ConfigError: missing file, missing keys (named) or invalid values.
+        ConfigError: missing file, invalid recipe (file:line), no GPU type, or invalid values (named).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist")
-    data = _load_yaml(path)
-    model = _section(data, "model", path).get("name")
-    if not model:
-        raise ConfigError(f"{path}: model.name is required (a registered model, e.g. llama3_70b)")
-    peft = _section(data, "peft", path)
-    method = str(peft.get("method") or "none")
-    if method not in _PEFT_RECIPE_KEYS:
-        raise ConfigError(f"{path}: peft.method={method!r}; allowed: {', '.join(_PEFT_RECIPE_KEYS)}")
-    peft_args = {k: peft[k] for k in _PEFT_RECIPE_KEYS[method] if peft.get(k) is not None}
-    for key in ("target_modules", "placements", "targets", "layers"):
-        if key in peft_args:
-            peft_args[key] = tuple(peft_args[key])
-    train = _section(data, "train", path)
-    cluster = _section(data, "cluster", path)
-    data_sec = _section(data, "data", path)
+    from nemo_adapt.config import load_recipe  # lazy: the schema imports the PEFT registry (PyTorch)
 
-    def pick(override, section: dict, key: str, name: str, default=None):
-        value = override if override is not None else section.get(key, default)
-        if value is None:
-            raise ConfigError(f"{path}: {name} is not set; put it in the recipe or pass it on the command line")
-        return value
-
-    gpu_name = pick(gpu, cluster, "gpu", "cluster.gpu (--gpu)")
-    n_nodes = int(pick(nodes, cluster, "nodes", "cluster.nodes (--nodes)"))
-    gpn = int(pick(gpus_per_node, cluster, "gpus_per_node", "cluster.gpus_per_node (--gpus-per-node)"))
-    seq = int(pick(seq_length, data_sec, "seq_length", "data.seq_length (--seq-len)"))
-    gbs = int(pick(global_batch_size, train, "global_batch_size", "train.global_batch_size (--global-batch)"))
-    prec = str(pick(precision, train, "precision", "train.precision", default="bf16"))
-    if prec == "auto":  # the trainer's `auto` is bf16 on a GPU, which is what the planner sizes
-        prec = "bf16"
-    if prec not in PRECISIONS:
-        raise ConfigError(f"{path}: train.precision={prec!r}; allowed: {', '.join(PRECISIONS)}")
-
-    layout = None
-    par = data.get("parallel")
-    if par:
-        if not isinstance(par, dict):
-            raise ConfigError(f"{path}: `parallel` must be a mapping")
-        tp = int(par.get("tensor") or 1)
-        pp = int(par.get("pipeline") or 1)
-        vp = int(par.get("virtual_pipeline") or 1)
-        cp = int(par.get("context") or 1)
-        rc = par.get("recompute") or "none"
-        if rc is True:
-            rc = "full"
-        mp = tp * pp * cp
-        world = n_nodes * gpn
-        # A DP that does not divide evenly is reported as a `world_size` violation by the planner.
-        dp = max(1, world // mp)
-        try:
-            layout = Layout(tp=tp, pp=pp, vp=vp, cp=cp, dp=dp, micro_batch_size=int(train.get("micro_batch_size") or 1),
-                            sequence_parallel=bool(par.get("sequence_parallel", False)), recompute=str(rc),
-                            distributed_optimizer=bool(par.get("distributed_optimizer", True)))
-        except ConfigError as err:
-            raise type(err)(f"{path}: parallel: {err}") from None
-    return PlanRequest(model=model, gpu=gpu_name, nodes=n_nodes, gpus_per_node=gpn, seq_length=seq,
-                       global_batch_size=gbs, method=method, peft_args=peft_args, precision=prec, layout=layout,
-                       source=str(path), **request_kwargs)
+    cfg = load_recipe(path, list(overrides))
+    return request_from_config(cfg, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, seq_length=seq_length,
+                               global_batch_size=global_batch_size, precision=precision, source=str(path),
+                               **request_kwargs)
 
 
 __all__ = [
     "Candidate", "PlanRequest", "PlanResult", "Violation", "allowed_tensor_sizes", "check_layout",
-    "enumerate_layouts", "evaluate_layout", "layout_violations", "plan", "request_from_recipe",
+    "enumerate_layouts", "evaluate_layout", "layout_violations", "model_name_for_recipe", "plan",
+    "request_from_config", "request_from_recipe",
 ]
 

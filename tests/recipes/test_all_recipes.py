@@ -1,8 +1,10 @@
-"""Every recipe in recipes/ loads and validates, names registered things, and says how to use it.
+"""Every recipe in recipes/ loads and validates, names registered things, says how to use it, and passes
+`nemo-adapt launch --dry-run` on its own `cluster:` section (the trainer's recipe checks and the planner).
 
 A new recipe is picked up by file name; nothing here needs editing when one is added.
 """
 
+import os
 import re
 from pathlib import Path
 
@@ -67,3 +69,22 @@ def test_recipe_header_says_what_where_how(path):
         f"{path.name}: the header needs a line naming the hardware, e.g. '# Sized for: 1 node x 8 H100-80GB'")
     assert any(_LAUNCH_LINE.search(line) for line in header), (
         f"{path.name}: the header needs a launch command, e.g. '# Launch: sbatch launch/lora_70b.sh'")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_passes_launch_dry_run(path, monkeypatch, capsys):
+    """On this machine (no GPU, no data or checkpoint files): the trainer's checks against the recipe's cluster
+    (GPU type, the default image, nodes x GPUs), the planner's memory check for GPU recipes, the rendered
+    script and the commands it runs."""
+    from nemo_adapt.cli import main
+
+    for key in [k for k in os.environ if k.startswith("NEMO_ADAPT_")]:
+        monkeypatch.delenv(key)  # the calling shell's image or GPUs per node must not decide
+    code = main(["launch", "--dry-run", str(path)])
+    out = capsys.readouterr()
+    assert code == 0, f"{path.name}: {out.err}"
+    cfg = load_recipe(path)
+    assert f"#SBATCH --nodes={cfg.cluster.nodes}" in out.out
+    assert f"--nproc-per-node={cfg.cluster.gpus_per_node}" in out.out
+    if cfg.cluster.gpu is not None:
+        assert "# planner: layout" in out.err and " fits: " in out.err

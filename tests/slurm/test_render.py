@@ -3,6 +3,7 @@ the shared library produces (its dry-run mode), refusal before sbatch, secrets, 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -81,6 +82,7 @@ def test_every_launch_script_renders_a_recipe_that_loads_and_fits_its_nodes():
     load, and (GPU scripts) the planner says the layout fits; CPU scripts run without container flags."""
     import re
 
+    from nemo_adapt.config import load_recipe
     from nemo_adapt.launch import check_fits
 
     for script in sorted(REPO.glob("launch/*.sh")):
@@ -94,11 +96,12 @@ def test_every_launch_script_renders_a_recipe_that_loads_and_fits_its_nodes():
         ranks = int(args[0].removeprefix("--world-size=")) // nodes
         recipe, overrides = args[1], args[2:]
         assert train[-len(overrides) - 1:] == [recipe, *overrides], script.name
-        cfg, _ = check_fits(str(REPO / recipe), overrides, nodes, ranks, None)
-        cpu = cfg.cluster.gpu is None
-        if not cpu:
-            _, result = check_fits(str(REPO / recipe), overrides, nodes, ranks, cfg.cluster.gpu)
-            assert result.ok, script.name
+        gpu = load_recipe(REPO / recipe, overrides).cluster.gpu
+        cpu = gpu is None
+        # The trainer's recipe checks against the script's allocation (and image), then the planner.
+        container = "none" if cpu else IMAGE
+        cfg, result = check_fits(str(REPO / recipe), overrides, nodes, ranks, gpu, container)
+        assert (result is None) == cpu and (cpu or result.ok), script.name
         has_container = any(a.startswith("--container-image") for a in train)
         assert has_container != cpu, script.name
         if cpu:
@@ -167,14 +170,130 @@ def test_launch_refuses_what_cannot_fit_before_sbatch(tmp_path):
     assert proc.returncode == 2
     assert "refused before submitting: the layout does not fit" in proc.stderr and "GiB" in proc.stderr
     assert "a layout that fits: TP" in proc.stderr
-    # World size: TP4 x PP4 cannot run on one 8-GPU node.
+    # World size: TP4 x PP4 cannot run on one 8-GPU node (the trainer's own check, named as launch names it).
     proc = _launch("--nodes", "1", "recipes/llama3_70b_full.yaml", env=env)
     assert proc.returncode == 2
-    assert "8 ranks cannot hold tensor x pipeline x context = 4 x 4 x 1 = 16" in proc.stderr
+    assert ("recipes/llama3_70b_full.yaml on 1 node(s) x 8 GPU(s) of h100-80gb: 8 processes cannot hold tensor x "
+            "pipeline x context = 4 x 4 x 1 = 16") in proc.stderr
     # A bad override names itself.
     proc = _launch("recipes/llama3_8b_lora.yaml", "train.micro_batch_size=0", env=env)
     assert proc.returncode == 2 and "train.micro_batch_size=0" in proc.stderr
     assert not (tmp_path / "sbatch-called").exists()
+
+
+def _clean_env(monkeypatch) -> None:
+    """No NEMO_ADAPT_* knob of the calling shell (an image, GPUs per node) changes what launch decides."""
+    for key in [k for k in os.environ if k.startswith("NEMO_ADAPT_")]:
+        monkeypatch.delenv(key)
+
+
+def launch_dry_run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`nemo-adapt launch --dry-run ARGS` in this process: (exit code, stdout, stderr)."""
+    from nemo_adapt.cli import main
+
+    _clean_env(monkeypatch)
+    code = main(["launch", "--dry-run", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# (launch arguments, text the one-line error must hold): recipes the trainer would refuse, refused on the login
+# node by the trainer's own checks (training/preflight.py), naming the key, before anything is submitted.
+REFUSED = {
+    "vp_microbatch_groups": (
+        ["recipes/llama3_70b_lora.yaml", "train.global_batch_size=6"],
+        "parallel.virtual_pipeline=20 runs micro-batches in groups of parallel.pipeline=4, but a step has 6 per rank"),
+    "fp8_on_a100": (
+        ["--gpu", "a100-80gb", "recipes/llama3_70b_lora.yaml"],
+        "train.precision='fp8' needs FP8 tensor cores"),
+    "cp_seq_not_divisible": (
+        ["recipes/llama3_8b_lora.yaml", "parallel.context=2", "data.packing=false", "data.seq_length=4094"],
+        "data.seq_length=4094 must be divisible by 2 x parallel.context = 4"),
+    "vp_does_not_divide_layers": (
+        ["recipes/llama3_70b_lora.yaml", "parallel.virtual_pipeline=3"],
+        "parallel.pipeline x virtual_pipeline=12 does not divide num_layers=80"),
+    "fp8_bare_metal": (
+        ["--container", "none", "recipes/llama3_8b_lora.yaml"],
+        "train.precision='fp8' needs Transformer Engine"),
+    "sp_without_tp": (
+        ["recipes/llama3_8b_lora.yaml", "parallel.sequence_parallel=true"],
+        "parallel.sequence_parallel=true shards activations over the tensor-parallel group, which needs "
+        "parallel.tensor > 1"),
+    "cp_with_packing": (
+        ["recipes/llama3_8b_lora.yaml", "parallel.context=2"],
+        "parallel.context=2 with data.packing=true is not supported"),
+    "virtual_tokens_packed": (
+        ["recipes/smollm2_135m_p_tuning.yaml", "data.packing=true"],
+        "peft.method=p_tuning prepends 20 virtual tokens to each example, which needs one example per row"),
+    "world_size": (
+        ["--nodes", "1", "recipes/llama3_70b_full.yaml"],
+        "8 processes cannot hold tensor x pipeline x context = 4 x 4 x 1 = 16"),
+    "batch_split": (
+        ["recipes/llama3_8b_lora.yaml", "train.global_batch_size=12"],
+        "train.global_batch_size=12 must be a multiple of train.micro_batch_size x data-parallel size = 1 x 8"),
+    "checkpoint_architecture": (
+        ["recipes/tiny_llama_lora_cpu.yaml", "model.checkpoint=random:tiny_qwen2"],
+        "model.checkpoint='random:tiny_qwen2' holds the tiny_qwen2 architecture, but model.name='tiny_llama'; "
+        "set model.name=tiny_qwen2"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_launch_dry_run_refuses_what_the_trainer_would_refuse(monkeypatch, capsys, case):
+    args, message = REFUSED[case]
+    code, out, err = launch_dry_run(monkeypatch, capsys, *args)
+    assert code == 2, out
+    assert out == "" and "#SBATCH" not in err  # nothing rendered
+    recipe = next(a for a in args if a.endswith(".yaml"))
+    assert err.startswith(f"nemo-adapt launch: error: {recipe} on "), err  # names the recipe and the allocation
+    assert message in err, err
+
+
+def test_launch_needs_no_weights_or_data_files(monkeypatch, capsys, tmp_path):
+    """Data and checkpoint paths that exist only inside the job are not opened on the login node."""
+    missing = tmp_path / "not-here"
+    code, out, err = launch_dry_run(monkeypatch, capsys, "recipes/llama3_70b_lora.yaml", f"data.train={missing}/t.jsonl",
+                                    f"data.validation={missing}/v.jsonl", f"model.checkpoint={missing}/ckpt")
+    assert code == 0, err
+    assert "na_train recipes/llama3_70b_lora.yaml" in out
+    assert not missing.exists()
+
+
+def test_plan_and_launch_agree_when_the_distributed_optimizer_is_left_unset(monkeypatch, capsys, tmp_path):
+    """The trainer's default (`parallel.distributed_optimizer: false`, schema.ParallelConfig) is what `plan` and
+    `launch` both size: 70B full fine-tuning on 4 x 8 H100 fits only with the optimizer state sharded."""
+    from nemo_adapt.cli import main
+    from nemo_adapt.config import load_recipe
+    from nemo_adapt.config.schema import ParallelConfig
+    from nemo_adapt.launch import check_fits
+    from nemo_adapt.planner.search import plan, request_from_recipe
+
+    text = (REPO / "recipes/llama3_70b_full.yaml").read_text()
+    assert "distributed_optimizer: true, " in text
+    recipe = tmp_path / "llama3_70b_full_no_do.yaml"
+    recipe.write_text(text.replace("distributed_optimizer: true, ", ""))
+    assert load_recipe(recipe).parallel.distributed_optimizer is ParallelConfig().distributed_optimizer is False
+
+    # `nemo-adapt plan` (its CLI, and the function it calls): the recipe's layout does not fit.
+    _clean_env(monkeypatch)
+    assert main(["plan", str(recipe), "--json", "--top", "1"]) == 1
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["explicit"]["layout"]["distributed_optimizer"] is False and not planned["explicit"]["fits"]
+    result = plan(request_from_recipe(recipe))
+    assert result.explicit.fit.required_gib == pytest.approx(planned["explicit"]["memory_gib"], abs=1e-3)
+
+    # `nemo-adapt launch` refuses it with the same estimate.
+    code, out, err = launch_dry_run(monkeypatch, capsys, str(recipe))
+    assert code == 2 and "refused before submitting: the layout does not fit" in err, err
+    assert f"{result.explicit.fit.required_gib:.1f} GiB > " in err
+
+    # The recipe's layout with the key given: both fit, with the same numbers.
+    code, out, err = launch_dry_run(monkeypatch, capsys, str(recipe), "parallel.distributed_optimizer=true")
+    assert code == 0, err
+    _, launched = check_fits(str(recipe), ["parallel.distributed_optimizer=true"], 4, 8, "h100-80gb", IMAGE)
+    planned = plan(request_from_recipe(recipe, overrides=["parallel.distributed_optimizer=true"]))
+    assert launched.explicit.layout == planned.explicit.layout and launched.explicit.layout.distributed_optimizer
+    assert launched.explicit.fit.required_gib == planned.explicit.fit.required_gib < 79.6
 
 
 def test_shell_scripts_pass_shellcheck():

@@ -215,3 +215,16 @@ def test_bf16_training_keeps_fp32_main_params_and_grads():
     # The bf16 weights are the rounded fp32 main weights.
     for p, m in zip(trainable, mains):
         assert torch.equal(p.detach(), m.detach().to(torch.bfloat16).view_as(p))
+
+
+def test_job_side_preflight_checks_the_recipes_gpu_when_its_step_sees_none(monkeypatch):
+    """The Slurm job's one-task preflight step may start without GPUs: it then checks against the recipe's
+    cluster.gpu and the job's container, not against the CPU it happens to see."""
+    from nemo_adapt.launch.preflight import _job_target
+
+    monkeypatch.setenv("NEMO_ADAPT_CONTAINER", "nvcr.io/nvidia/nemo:25.11")
+    target = _job_target(load_recipe(LLAMA70, []))
+    assert (target.gpu, target.fp8, target.transformer_engine) == ("h100-80gb", True, True)
+    monkeypatch.setenv("NEMO_ADAPT_CONTAINER", "none")
+    assert _job_target(load_recipe(LLAMA70, [])).transformer_engine is False
+    assert _job_target(load_recipe(TINY, [])).gpu is None

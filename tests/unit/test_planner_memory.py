@@ -200,8 +200,9 @@ def test_breakdown_70b_full_tp4_pp4_vp5_dp2(llama70b):
 
 
 def test_breakdown_8b_lora_tp1(llama8b):
-    lay = Layout(tp=1, pp=1, dp=8, recompute="none")
-    mem = estimate_memory(llama8b, lay, "lora", seq_length=4096, global_batch_size=32, precision="bf16")
+    lay = Layout(tp=1, pp=1, dp=8, recompute="none", distributed_optimizer=True)
+    mem = estimate_memory(llama8b, lay, "lora", seq_length=4096, global_batch_size=32, precision="bf16",
+                          peft_args={"rank": 16})
     (only,) = mem.stages
     # Frozen: whole model, 8,030,261,248 params (32 x 218,112,000 + 4096 + 2 x 525,336,576) x 2 B.
     assert only.frozen_params == 8_030_261_248
@@ -219,7 +220,7 @@ def test_breakdown_8b_lora_tp1(llama8b):
 
 def test_grad_dtype_decides_whether_the_published_sft_layout_keeps_all_activations(llama70b):
     h100 = get_gpu("h100-80gb")
-    lay = Layout(tp=4, pp=4, vp=5, dp=2, sequence_parallel=True, recompute="none")
+    lay = Layout(tp=4, pp=4, vp=5, dp=2, sequence_parallel=True, recompute="none", distributed_optimizer=True)
     job = dict(seq_length=4096, global_batch_size=32, precision="fp8")
     fp32 = check_fits(llama70b, lay, h100, "none", **job)
     bf16 = check_fits(llama70b, lay, h100, "none", assumptions=MemoryAssumptions(grad_dtype="bf16"), **job)

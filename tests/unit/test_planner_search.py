@@ -178,13 +178,90 @@ def test_fp8_on_a100_and_unknown_model_are_refused():
 
 def test_recipe_errors_name_the_key(tmp_path):
     bad = tmp_path / "r.yaml"
-    bad.write_text("model: {name: llama3_8b}\ndata: {seq_length: 2048}\ntrain: {global_batch_size: 8}\n")
+    model = "model: {name: llama3_8b, checkpoint: /checkpoints/Meta-Llama-3-8B}\n"
+    bad.write_text(model + "data: {seq_length: 2048}\ntrain: {global_batch_size: 8}\n")
     with pytest.raises(ConfigError, match="cluster.gpu"):
         request_from_recipe(bad)
-    bad.write_text("model: {name: llama3_8b}\ntrain: {global_batch_size: 8, precision: fp16}\n"
+    bad.write_text(model + "train: {global_batch_size: 8, precision: fp16}\n"
                    "data: {seq_length: 2048}\ncluster: {gpu: h100, nodes: 1, gpus_per_node: 8}\n")
     with pytest.raises(ConfigError, match="train.precision='fp16'"):
         request_from_recipe(bad)
+    # The trainer would open the default checkpoint (the embedded SmolLM2) and refuse it for llama3_8b.
+    bad.write_text("model: {name: llama3_8b}\ncluster: {gpu: h100}\n")
+    with pytest.raises(ConfigError, match=r"model.checkpoint='embedded:smollm2_135m' \(its default\) holds the "
+                                          r"smollm2_135m architecture, but model.name='llama3_8b'; give model.checkpoint"):
+        request_from_recipe(bad)
+    # A misspelt key is refused as the trainer refuses it (the recipe goes through the trainer's loader).
+    bad.write_text(model + "parallel: {tensr: 2}\ncluster: {gpu: h100}\n")
+    with pytest.raises(ConfigError, match="tensr"):
+        request_from_recipe(bad)
+
+
+# --- the planner's defaults are the trainer's -------------------------------------------------------------
+
+
+def test_layout_defaults_are_the_trainers():
+    """`Layout()` describes what the trainer runs when a recipe leaves `parallel:` and the micro-batch unset."""
+    from nemo_adapt.config.schema import ParallelConfig, TrainConfig
+
+    par, train, lay = ParallelConfig(), TrainConfig(), Layout()
+    assert (lay.tp, lay.pp, lay.cp) == (par.tensor, par.pipeline, par.context)
+    assert lay.vp == (par.virtual_pipeline or 1)
+    assert lay.sequence_parallel == par.sequence_parallel
+    assert lay.distributed_optimizer == par.distributed_optimizer
+    assert lay.recompute == (par.recompute or "none")
+    assert lay.micro_batch_size == train.micro_batch_size
+
+
+def test_peft_defaults_are_the_trainers():
+    """Every argument the planner's PEFT formulas take defaults to the method's own config default."""
+    from nemo_adapt.peft.base import peft_config_class
+    from nemo_adapt.planner.memory import _PEFT_DEFAULTS, PEFT_ALIASES
+
+    registered = {planner: name for name, planner in PEFT_ALIASES.items()}  # ptuning -> p_tuning
+    for method, defaults in _PEFT_DEFAULTS.items():
+        config = peft_config_class(registered.get(method, method))()
+        for key, value in defaults.items():
+            if key == "alpha":  # a scale: it adds no parameters, so the planner needs no value
+                continue
+            trainer = getattr(config, key)
+            trainer = tuple(trainer) if isinstance(trainer, list) else trainer
+            assert value == trainer, f"{method}.{key}: planner default {value!r}, trainer default {trainer!r}"
+
+
+def test_recipe_keys_left_unset_take_the_trainers_defaults(tmp_path):
+    """A recipe that leaves keys unset is planned as the trainer runs it, not with planner literals."""
+    from nemo_adapt.config.schema import DataConfig, ParallelConfig
+    from nemo_adapt.peft.lora import LoRAConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: llama3_8b, checkpoint: /checkpoints/Meta-Llama-3-8B}\npeft: {method: lora}\n"
+                      "train: {global_batch_size: 32}\ncluster: {gpu: h100-80gb, nodes: 1, gpus_per_node: 8}\n")
+    req = request_from_recipe(recipe)
+    lay = req.layout  # no `parallel:` section: the trainer runs TP1/PP1, so that layout is evaluated
+    assert (lay.tp, lay.pp, lay.vp, lay.cp, lay.dp) == (1, 1, 1, 1, 8)
+    assert lay.distributed_optimizer is ParallelConfig().distributed_optimizer is False
+    assert req.peft_args["rank"] == LoRAConfig().rank
+    assert req.seq_length == DataConfig().seq_length
+    assert req.precision == "bf16"  # train.precision=auto: bf16 on a GPU
+    # The same recipe with the key set explicitly plans the distributed optimizer.
+    recipe.write_text(recipe.read_text() + "parallel: {distributed_optimizer: true}\n")
+    assert request_from_recipe(recipe).layout.distributed_optimizer is True
+
+
+def test_model_given_only_by_its_checkpoint(tmp_path):
+    """`embedded:` and `random:` checkpoints name their architecture; model.name must agree with it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {checkpoint: 'embedded:smollm2_135m'}\ntrain: {global_batch_size: 8}\n"
+                      "cluster: {gpu: h100-80gb, nodes: 1, gpus_per_node: 8}\n")
+    assert request_from_recipe(recipe).model == "smollm2_135m"
+    recipe.write_text("model: {checkpoint: 'random:tiny_llama'}\ncluster: {gpu: h100-80gb}\n")
+    with pytest.raises(ConfigError, match="holds the tiny_llama architecture, but model.name='smollm2_135m'.*"
+                                          "set model.name=tiny_llama"):
+        request_from_recipe(recipe)
+    recipe.write_text("model: {name: tiny_llama, checkpoint: 'random:tiny_llama'}\ntrain: {global_batch_size: 8}\n"
+                      "cluster: {gpu: h100-80gb}\n")
+    assert request_from_recipe(recipe).model == "tiny_llama"
 
 
 # --- recipes and CLI ------------------------------------------------------------------------------------
