@@ -8,7 +8,13 @@ Megatron-Core is written for CUDA. On a machine without it, a handful of places 
 * the CUDA RNG tracker (`get_cuda_rng_tracker().fork()` around dropout, and
   `model_parallel_cuda_manual_seed`), which reads and writes CUDA generator states;
 * type checks that expect `'torch.cuda.FloatTensor'` (grad clipping, optimizer param groups)
-  and `tensor.cuda()` calls (tied-embedding sync across pipeline stages, optimizer reload).
+  and `tensor.cuda()` calls (tied-embedding sync across pipeline stages, optimizer reload);
+* activation recompute (`parallel.recompute`): Megatron's `CheckpointFunction` saves and restores
+  the CUDA generator state around the recomputed forward (`_get_cuda_rng_state`/`_set_cuda_rng_state`);
+  on CPU the generator is the CPU one, whose state it then saves and restores (dropout masks of the
+  recomputed forward equal the first forward's, as on GPU);
+* sequence parallelism: `WrappedTorchNorm`, the norm Megatron builds without Transformer Engine or
+  apex, refuses `sequence_parallel=True`.
 
 `install()` fixes exactly these, and only when CUDA is unavailable; on a GPU it returns at once and
 the GPU path runs unmodified. It does not touch `torch` globally: inside Megatron-Core's own modules,
@@ -16,12 +22,29 @@ the name `torch` is rebound to a view that forwards everything to torch except C
 requests, which it sends to the CPU. The two type-check/`.cuda()` sites are wrapped so that, only
 for the duration of those calls, CPU tensors answer as their CUDA counterparts would.
 
+Sequence parallelism (TP > 1 with `sequence_parallel=True`) runs through Megatron's own SP code.
+Under SP each TP rank holds a slice of the sequence, and the replicated norm weights get a partial
+gradient on each rank; Megatron's other norms mark those weights `sequence_parallel`, and
+`finalize_model_grads` sums their gradients over the TP group. On CPU `WrappedTorchNorm` is built
+as without SP and its parameters get the same mark; the norm's forward is per token, so nothing
+else differs. The SP collectives need no substitute: gloo (torch 2.13, the pinned version)
+implements every one Megatron-Core calls on this path, natively and for fp32/bf16/fp16 alike:
+`torch.distributed.all_gather_into_tensor` (module alias `dist_all_gather_func` in
+`tensor_parallel.mappings` and `.layers`: sequence gather before column-parallel layers, and its
+async re-gather in their backward), `torch.distributed.reduce_scatter_tensor` (alias
+`dist_reduce_scatter_func`: sequence reduce-scatter after row-parallel layers, and the async
+input-grad reduce-scatter in column-parallel backward) and `all_reduce` (the norm gradients, in
+`finalize_model_grads`). (Older torch releases had no gloo reduce-scatter; the pin is what makes
+a substitute unnecessary.) Gloo computes these itself, so an SP run's losses equal a non-SP run's
+to float rounding (tests/distributed/test_sequence_parallel.py).
+
 Nothing here changes numerics: every operation still runs in torch on the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib
 import sys
@@ -313,8 +336,61 @@ def install() -> bool:
     # Gathers optimizer shards over DP for the `fully_reshardable` checkpoint format (`.cuda()`).
     _wrap_attr(distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero")
     _keep_torch_adam_step_out_of_shard_loads(distrib_optimizer.DistributedOptimizer)
+    _let_torch_norms_run_sequence_parallel()
+    _recompute_with_cpu_rng()
     _INSTALLED = True
     return True
+
+
+def _recompute_with_cpu_rng() -> None:
+    """Activation recompute keeps "the CUDA RNG state" of the first forward and restores it for the
+    recomputed one (`tensor_parallel.random.CheckpointFunction`, by module-level name): on CPU that
+    generator is the CPU one."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+
+
+def _let_torch_norms_run_sequence_parallel() -> None:
+    """Under sequence parallelism each TP rank normalises its own slice of the sequence with a full
+    copy of the norm's weight, so that weight's gradient is a partial sum per rank. Megatron's norms
+    (TE's, apex's) mark their parameters `sequence_parallel` and `finalize_model_grads` then sums
+    their gradients over the TP group. `WrappedTorchNorm`, the only norm without TE or apex (always
+    so on CPU), does not mark them and refuses SP instead. Build it as without SP and mark its
+    parameters, as the other norms do: the forward is per token, so nothing else differs."""
+    from megatron.core.transformer import torch_norm
+
+    cls = torch_norm.WrappedTorchNorm
+    new = cls.__dict__.get("__new__")
+    fn = new.__func__ if isinstance(new, staticmethod) else new
+    if fn is None or getattr(fn, "_nemo_adapt_cpu", False):
+        return
+
+    @functools.wraps(fn)
+    def wrapper(cls_, *args, **kwargs):
+        config = kwargs["config"] if "config" in kwargs else args[0]
+        if not getattr(config, "sequence_parallel", False):
+            return fn(cls_, *args, **kwargs)
+        local = copy.copy(config)
+        local.sequence_parallel = False
+        if "config" in kwargs:
+            kwargs["config"] = local
+        else:
+            args = (local, *args[1:])
+        norm = fn(cls_, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    wrapper._nemo_adapt_cpu = True
+    cls.__new__ = staticmethod(wrapper)
 
 
 def _keep_torch_adam_step_out_of_shard_loads(cls) -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_adapt.errors import CheckpointError
+from nemo_adapt.models.builder import model_chunks
 
 _PREFIX = "step_"
 
@@ -159,12 +160,12 @@ def _preemption_proof_write_queue() -> None:
         filesystem_async._nemo_adapt_manager = manager  # keep it referenced for the process lifetime
 
 
-def save_checkpoint(run_dir: Path, chunks: list, optimizer, state: TrainState, trainable_only: bool,
+def save_checkpoint(run_dir: Path, chunks, optimizer, state: TrainState, trainable_only: bool,
                     keep_last: int) -> Path:
     """Write a checkpoint for `state.step` (all ranks call this) and prune old ones.
 
     Args:
-        chunks: this rank's (DDP-wrapped) model chunks: one, or one per virtual-pipeline stage.
+        chunks: this rank's (DDP-wrapped) stage, or its chunks (one per virtual-pipeline stage).
 
     Returns:
         The path of the complete checkpoint.
@@ -183,7 +184,7 @@ def save_checkpoint(run_dir: Path, chunks: list, optimizer, state: TrainState, t
     dist.barrier()
 
     _preemption_proof_write_queue()
-    model_sd = _model_sharded_state_dict(chunks, trainable_only)
+    model_sd = _model_sharded_state_dict(model_chunks(chunks), trainable_only)
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)}
     dist_checkpointing.save(sharded, str(tmp / "dist"))
     save_file(_rng_state(), str(tmp / "rng" / f"rank_{dist.get_rank():05d}.safetensors"))
@@ -222,7 +223,7 @@ def read_state(path: Path) -> TrainState:
         raise CheckpointError(f"cannot read {str(path / 'state.json')!r}: {err}") from err
 
 
-def load_checkpoint(path: Path, chunks: list, optimizer, trainable_only: bool, same_layout: bool) -> TrainState:
+def load_checkpoint(path: Path, chunks, optimizer, trainable_only: bool, same_layout: bool) -> TrainState:
     """Load model (+ optimizer) state from a complete checkpoint, resharding to the current layout
     (TP, PP, DP, and with or without an interleaved pipeline).
 
@@ -230,7 +231,7 @@ def load_checkpoint(path: Path, chunks: list, optimizer, trainable_only: bool, s
     caller reseeds from (seed, step).
 
     Args:
-        chunks: this rank's (DDP-wrapped) model chunks.
+        chunks: this rank's (DDP-wrapped) stage, or its chunks.
 
     Raises:
         CheckpointError: unreadable or incompatible checkpoint (names the path and the problem).
@@ -241,6 +242,7 @@ def load_checkpoint(path: Path, chunks: list, optimizer, trainable_only: bool, s
     from nemo_adapt.peft.virtual_tokens import unwrap
 
     state = read_state(path)
+    chunks = model_chunks(chunks)
     model_sd = _model_sharded_state_dict(chunks, trainable_only)
     _materialize_distributed_adam_state(optimizer)
     sharded = {"model": model_sd,

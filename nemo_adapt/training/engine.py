@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from nemo_adapt.config.schema import RecipeConfig
 from nemo_adapt.errors import ConfigError
+from nemo_adapt.models.builder import model_chunks
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -36,17 +37,17 @@ def resolve_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
-def wrap_ddp(chunks: list, cfg: RecipeConfig) -> list:
+def wrap_ddp(chunks, cfg: RecipeConfig):
     """Megatron's wrappers around each model chunk: `Float16Module` for bf16 (casts the first stage's
     inputs to bf16 and the last stage's outputs to fp32), then DDP (contiguous fp32 grad buffers, DP
     all-reduce or reduce-scatter).
 
     Args:
-        chunks: this rank's `GPTModel` chunks (one, or one per virtual-pipeline stage).
+        chunks: this rank's `GPTModel` stage, or its chunks (a list: one per virtual-pipeline stage).
         cfg: the recipe.
 
     Returns:
-        The wrapped chunks, in the same order.
+        The wrapped stage, or the wrapped chunks in the same order (the form given).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
@@ -60,16 +61,16 @@ def wrap_ddp(chunks: list, cfg: RecipeConfig) -> list:
         average_in_collective=False,
     )
     wrapped = []
-    for i, chunk in enumerate(chunks):
+    for i, chunk in enumerate(model_chunks(chunks)):
         if chunk.config.bf16 or chunk.config.fp16:
             chunk = Float16Module(chunk.config, chunk)
         # Megatron-LM buckets only the first chunk's grads (the others reduce as one bucket each).
         wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
                                                disable_bucketing=i > 0))
-    return wrapped
+    return wrapped if isinstance(chunks, list | tuple) else wrapped[0]
 
 
-def connect_schedule_hooks(ddp_chunks: list, optimizer) -> None:
+def connect_schedule_hooks(ddp_chunks, optimizer) -> None:
     """Tell Megatron's schedules how to finish a step: DP grad reduction, tied-embedding and
     sequence-parallel grad all-reduces, division by the global token count (finalize_model_grads),
     and no grad sync between micro-batches of one step (per chunk under an interleaved pipeline)."""
@@ -77,6 +78,7 @@ def connect_schedule_hooks(ddp_chunks: list, optimizer) -> None:
 
     from nemo_adapt.peft.virtual_tokens import with_shared_grad_reduction
 
+    ddp_chunks = model_chunks(ddp_chunks)
     config = ddp_chunks[0].config  # the schedules read the hooks from the first chunk's config
     # Prefix tuning's reparameterisation MLP is replicated on every TP x PP rank (and chunk) and each
     # copy sees only its layers' and heads' share of its gradient: summed first (no-op otherwise).
@@ -85,13 +87,13 @@ def connect_schedule_hooks(ddp_chunks: list, optimizer) -> None:
     config.no_sync_func = [c.no_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
 
 
-def build_optimizer(ddp_chunks: list, cfg: RecipeConfig, lr_multipliers: dict[str, float] | None = None):
+def build_optimizer(ddp_chunks, cfg: RecipeConfig, lr_multipliers: dict[str, float] | None = None):
     """AdamW over the trainable parameters (Megatron's optimizer, with grad clipping). Under bf16 it keeps
     fp32 main parameters and steps on the fp32 grads (Megatron's `Float16OptimizerWithFloat16Params`, or the
     distributed optimizer's sharded fp32 copies).
 
     Args:
-        ddp_chunks: the Megatron DDP-wrapped model chunks.
+        ddp_chunks: the Megatron DDP-wrapped stage, or its chunks.
         cfg: the recipe.
         lr_multipliers: parameter-name pattern -> learning-rate multiplier (the PEFT method's
             `lr_multipliers()`, e.g. LoRA+'s B matrices); each becomes its own parameter group with
@@ -100,6 +102,7 @@ def build_optimizer(ddp_chunks: list, cfg: RecipeConfig, lr_multipliers: dict[st
     from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
 
     o = cfg.optim
+    ddp_chunks = model_chunks(ddp_chunks)
     dtype = ddp_chunks[0].config.params_dtype
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -335,7 +338,7 @@ def _to_device(params, device):
                                           if torch.is_tensor(getattr(params, f.name))})
 
 
-def run_schedule(ddp_chunks: list, microbatches: list[dict], seq_length: int, micro_batch_size: int,
+def run_schedule(ddp_chunks, microbatches: list[dict], seq_length: int, micro_batch_size: int,
                  forward_only: bool, packed: bool = False) -> tuple[float, float]:
     """Forward (and backward) over micro-batches with Megatron's pipeline schedule (no pipelining,
     1F1B, or interleaved 1F1B over this rank's chunks).
@@ -349,6 +352,7 @@ def run_schedule(ddp_chunks: list, microbatches: list[dict], seq_length: int, mi
 
     from nemo_adapt.peft.virtual_tokens import virtual_token_count
 
+    ddp_chunks = model_chunks(ddp_chunks)
     # p2p shapes: virtual tokens (prompt tuning, p-tuning) lengthen every row on every stage.
     seq_length += virtual_token_count(ddp_chunks[0])
     if packed and uses_thd_packing(ddp_chunks[0]):
@@ -383,7 +387,7 @@ def global_mean(loss_sum: float, tokens: float) -> float:
     return float(t[0] / max(t[1], 1.0))
 
 
-def train_step(ddp_chunks: list, optimizer, microbatches: list[dict], seq_length: int, micro_batch_size: int,
+def train_step(ddp_chunks, optimizer, microbatches: list[dict], seq_length: int, micro_batch_size: int,
                lr: float, packed: bool = False) -> tuple[float, float, bool]:
     """One optimizer step over this rank's micro-batches, at learning rate `lr` (times a group's
     multiplier, see `set_lr`).
@@ -392,7 +396,7 @@ def train_step(ddp_chunks: list, optimizer, microbatches: list[dict], seq_length
         (loss, grad_norm, updated): global per-token loss of the batch, gradient norm, and whether
         the update was applied (False only when fp16 loss scaling finds inf/nan).
     """
-    for chunk in ddp_chunks:
+    for chunk in model_chunks(ddp_chunks):
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     loss_sum, tokens = run_schedule(ddp_chunks, microbatches, seq_length, micro_batch_size, forward_only=False,
@@ -403,9 +407,10 @@ def train_step(ddp_chunks: list, optimizer, microbatches: list[dict], seq_length
 
 
 @torch.no_grad()
-def validation_loss(ddp_chunks: list, dataset, plan: BatchPlan, dp_rank: int, seq_length: int,
+def validation_loss(ddp_chunks, dataset, plan: BatchPlan, dp_rank: int, seq_length: int,
                     max_batches: int | None = None, packed: bool = False) -> float:
     """Per-token loss over the validation split (every rank returns the same value)."""
+    ddp_chunks = model_chunks(ddp_chunks)
     for chunk in ddp_chunks:
         chunk.eval()
     try:

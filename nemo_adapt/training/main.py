@@ -239,7 +239,11 @@ def run(recipe: str, overrides: list[str]) -> int:
                   "base_fp32_bytes": 4 * spec.num_parameters(),
                   "adapter_bytes": _dir_bytes(adapter_dir) if adapter_dir else None, "eval": results,
                   "data": {"fingerprint": data.fingerprint["combined"], "stats": data.stats},
-                  "base_model_fingerprint": fingerprint, "layout": layout}
+                  "base_model_fingerprint": fingerprint, "layout": layout,
+                  # What Megatron actually ran with (not only what the recipe asked for).
+                  "megatron": {"sequence_parallel": bool(chunks[0].config.sequence_parallel),
+                               "params_dtype": str(chunks[0].config.params_dtype).removeprefix("torch."),
+                               "fp8": chunks[0].config.fp8, "model_chunks": len(chunks)}}
         (run_dir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         _print_results(results, run_dir, record)
     logger.close(exit_code)

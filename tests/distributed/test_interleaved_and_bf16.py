@@ -57,7 +57,8 @@ def test_lora_interleaved_pipeline_matches_pp1_resumes_at_other_layouts_and_eval
 
     vp_dir, _ = _run(tmp_path, "vp", tiny_data, cache_env, 2, parallel=VP, eval=evaluate)
     _close(train_losses(vp_dir), ref, 1e-4, "PP2xVP2 vs PP1")
-    assert json.loads((vp_dir / "results.json").read_text())["layout"]["virtual_pipeline"] == 2
+    ran = json.loads((vp_dir / "results.json").read_text())
+    assert ran["layout"]["virtual_pipeline"] == 2 and ran["megatron"]["model_chunks"] == 2
     ref_pred = [json.loads(line)["prediction"] for line in (ref_dir / "predictions_adapted.jsonl").open()]
     vp_pred = [json.loads(line)["prediction"] for line in (vp_dir / "predictions_adapted.jsonl").open()]
     assert len(vp_pred) == 8 and vp_pred == ref_pred
@@ -94,7 +95,7 @@ def test_full_finetuning_interleaved_with_distributed_optimizer(tmp_path, tiny_d
 
 BF16_TOLERANCE = 0.05
 """bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2%): on this ~5-nat loss, 20 steps of bf16
-forward/backward track fp32 to a few hundredths; measured max difference 0.012."""
+forward/backward track fp32 to a few hundredths; measured max difference 0.0106."""
 
 
 def test_bf16_on_cpu_tracks_fp32_and_resumes_exactly(tmp_path, tiny_data, cache_env):
@@ -103,9 +104,12 @@ def test_bf16_on_cpu_tracks_fp32_and_resumes_exactly(tmp_path, tiny_data, cache_
     long = {"max_steps": 20}
     fp32, _ = _run(tmp_path, "fp32", tiny_data, cache_env, run=long, train={"precision": "fp32"})
     bf16, _ = _run(tmp_path, "bf16", tiny_data, cache_env, run=long, train={"precision": "bf16"})
+    assert json.loads((bf16 / "results.json").read_text())["megatron"]["params_dtype"] == "bfloat16"
+    assert json.loads((fp32 / "results.json").read_text())["megatron"]["params_dtype"] == "float32"
     a, b = train_losses(fp32), train_losses(bf16)
+    print(f"bf16 vs fp32 over 20 steps: max |loss difference| {max(abs(a[s] - b[s]) for s in a):.4f}")
     _close(b, a, BF16_TOLERANCE, "bf16 vs fp32")
-    assert a[20] < a[1] - 0.5 and b[20] < b[1] - 0.5, "training did not reduce the loss"
+    assert a[20] < a[1] - 0.3 and b[20] < b[1] - 0.3, "training did not reduce the loss"
     assert any(abs(a[s] - b[s]) > 1e-6 for s in a), "bf16 losses equal fp32's: bf16 was not used"
 
     ten = {"max_steps": 10}
