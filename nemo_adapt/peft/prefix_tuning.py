@@ -68,8 +68,8 @@ class PrefixEncoder(torch.nn.Module):
         return torch.tanh(self.down(self.embedding))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Replicated on every TP and PP rank; pipeline stage 0 writes it."""
-        return sharded_params(self, prefix, sharded_offsets, pp_replicated=True)
+        """Replicated on every TP and PP rank and model chunk; the primary copy (the embedding's chunk) writes it."""
+        return sharded_params(self, prefix, sharded_offsets, replica=0 if getattr(self, "primary_copy", True) else 1)
 
 
 def prefix_attention_mask(attention_mask: torch.Tensor | None, n: int, sq: int, sk: int,

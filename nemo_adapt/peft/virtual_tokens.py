@@ -151,7 +151,7 @@ class VirtualPrompt(torch.nn.Module):
 
 
 def sharded_params(module: torch.nn.Module, prefix: str, sharded_offsets: tuple = (),
-                   tp_axes: dict[str, int] | None = None, pp_replicated: bool = False,
+                   tp_axes: dict[str, int] | None = None, replica: int = 0,
                    skip: tuple[str, ...] = ()) -> dict:
     """Megatron `ShardedTensor`s for a module's own parameters (dist_checkpointing, any TP/PP).
 
@@ -160,7 +160,8 @@ def sharded_params(module: torch.nn.Module, prefix: str, sharded_offsets: tuple 
         prefix: key prefix (global module name + '.').
         sharded_offsets: offsets passed down by Megatron (none for these modules).
         tp_axes: parameter name -> axis split over TP ranks; the rest are TP-replicated.
-        pp_replicated: the same tensor exists on every pipeline stage (only stage 0 writes it).
+        replica: nonzero for a copy that must not be written: a module replicated on every pipeline stage
+            and model chunk writes only its primary copy (see `mark_model_parallel_shared`).
         skip: child-module names whose parameters are left out (e.g. the wrapped base layer).
 
     Returns:
@@ -172,7 +173,7 @@ def sharded_params(module: torch.nn.Module, prefix: str, sharded_offsets: tuple 
     tp_axes = tp_axes or {}
     tp_group = ps.get_tensor_model_parallel_group()
     dp_group = ps.get_data_parallel_group(with_context_parallel=True)
-    pp = ps.get_pipeline_model_parallel_rank() if pp_replicated else 0
+    pp = replica
     tp, dp = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True)
     out = {}
     for name, tensor in module.state_dict(prefix="", keep_vars=True).items():
@@ -194,6 +195,7 @@ def mark_model_parallel_shared(module: torch.nn.Module, primary: bool) -> None:
     """Mark a module replicated on every TP x PP rank (and model chunk) whose gradient each copy sees
     only part of. `primary`: this copy sits in the chunk holding the embedding (the first virtual stage
     of the first pipeline stage); every other copy is marked `shared`."""
+    module.primary_copy = primary  # the copy dist_checkpointing writes (see `sharded_params`)
     for p in module.parameters():
         p.model_parallel_shared = True
         if not primary:

@@ -234,20 +234,24 @@ def packed_inputs(batch: dict, thd: bool) -> tuple[dict, torch.Tensor | None, ob
 
     Returns:
         (batch, attention_mask, packed_seq_params). THD: the batch flattened to [1, b * s] and
-        `PackedSeqParams` whose cu_seqlens start a sequence at every segment and row boundary, no mask.
-        Otherwise: the batch unchanged and a block-diagonal causal mask [b, 1, s, s] when some row holds
-        several examples (None when every row holds one: plain causal attention).
+        `PackedSeqParams` whose cu_seqlens start a sequence at every segment and row boundary, no mask
+        (always, even for rows of one example: every micro-batch of a packed run must travel between
+        pipeline stages in the same shape). Otherwise: the batch unchanged and a block-diagonal causal
+        mask [b, 1, s, s] when some row holds several examples (None when every row holds one: plain
+        causal attention).
     """
     from nemo_adapt.data import attention_mask_from_segments, packed_seq_params
 
     seg = batch.get("segment_ids")
-    # Segments are numbered 1, 2, ... per row (0 = padding, which only follows the last example),
-    # so a row holds several examples exactly when its largest segment id exceeds 1.
-    if seg is None or not bool((seg.max(dim=1).values > 1).any()):
+    if seg is None:
         return batch, None, None
     if thd:
         flat = {k: v.reshape(1, -1) if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
         return flat, None, packed_seq_params(seg)
+    # Segments are numbered 1, 2, ... per row (0 = padding, which only follows the last example),
+    # so a row holds several examples exactly when its largest segment id exceeds 1.
+    if not bool((seg.max(dim=1).values > 1).any()):
+        return batch, None, None
     return batch, attention_mask_from_segments(seg), None
 
 

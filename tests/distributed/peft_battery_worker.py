@@ -20,7 +20,7 @@ For every row of `peft_cases.PEFT_CASES` (or those named with --cases), at one T
 
 Each rank writes `<out>/rank<r>.json` with what it knows (logit comparisons on the last stage only).
 
-Usage: torchrun --standalone --nproc-per-node N peft_battery_worker.py --tp T --pp P --out DIR
+Usage: torchrun --standalone --nproc-per-node N peft_battery_worker.py --tp T --pp P [--vp V] --out DIR
        [--resume-from DIR] [--cases id,id]
 """
 
@@ -67,32 +67,40 @@ def batches(step: int, packed: bool = True) -> list[dict]:
     return [{k: v[i:i + MBS] for k, v in rows.items()} for i in range(0, GBS, MBS)]
 
 
-def recipe(case, tp: int, pp: int):
+def recipe(case, tp: int, pp: int, vp: int | None = None):
     from nemo_adapt.config.schema import RecipeConfig
     from tests.distributed.peft_cases import peft_config
 
     cfg = RecipeConfig()
     cfg.peft = peft_config(case)
-    cfg.parallel.tensor, cfg.parallel.pipeline = tp, pp
+    cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline = tp, pp, vp
     cfg.train.global_batch_size, cfg.train.micro_batch_size = GBS, MBS
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps = 0.01, "constant", 0
     return cfg
 
 
 def build(cfg):
-    """A fresh adapted model, its DDP wrapper and optimizer, and the base logits before the method."""
-    from nemo_adapt.models.loader import load_model
+    """A fresh adapted model (this rank's stage, or its list of chunks under an interleaved pipeline),
+    its DDP wrapper(s) and optimizer, and the base logits before the method."""
+    from nemo_adapt.models.loader import load_model_chunks
     from nemo_adapt.peft.base import apply_peft
     from nemo_adapt.training import engine
 
-    model, source = load_model("random:tiny_llama", "tiny_llama")
-    model.config.calculate_per_token_loss = True
+    chunks, source = load_model_chunks("random:tiny_llama", "tiny_llama")
+    chunks[0].config.calculate_per_token_loss = True
+    model = chunks if len(chunks) > 1 else chunks[0]
     base = logits(model, source.spec)
-    method = apply_peft(model, cfg.peft, seed=7)
+    methods = [apply_peft(c, cfg.peft, seed=7) for c in chunks]
     ddp = engine.wrap_ddp(model, cfg)
-    optimizer = engine.build_optimizer(ddp, cfg, method.lr_multipliers())
+    optimizer = engine.build_optimizer(ddp, cfg, methods[0].lr_multipliers())
     engine.connect_schedule_hooks(ddp, optimizer)
     return model, source.spec, ddp, optimizer, base
+
+
+def chunks_of(model) -> list:
+    from nemo_adapt.models.builder import model_chunks
+
+    return model_chunks(model)
 
 
 def logits(model, spec, seq=None):
@@ -152,30 +160,34 @@ def decode_vs_full(model, spec, prompt: list[int]) -> float | None:
     from nemo_adapt.peft.virtual_tokens import virtual_token_count
 
     full = logits(model, spec, prompt)
-    seq = torch.tensor([[0] * virtual_token_count(model) + list(prompt)])
+    first = chunks_of(model)[0]
+    seq = torch.tensor([[0] * virtual_token_count(first) + list(prompt)])
     s = seq.shape[1]
-    dtype = next(model.parameters()).dtype
-    model.eval()
+    dtype = next(first.parameters()).dtype
+    for c in chunks_of(model):
+        c.eval()
     with torch.no_grad():
         ctx = StaticInferenceContext(1, s)
         _stage_forward(model, seq[:, :-1], torch.arange(s - 1).unsqueeze(0), ctx, (s - 1, 1, spec.hidden_size), dtype)
         ctx.increment_sequence_len_offset(s - 1)
         ctx.enable_decode_mode()
         out = _stage_forward(model, seq[:, -1:], torch.tensor([[s - 1]]), ctx, (1, 1, spec.hidden_size), dtype)
-    model.train()
+    for c in chunks_of(model):
+        c.train()
     return None if out is None else float((out[0, -1, :spec.vocab_size].float() - full[0, -1]).abs().max())
 
 
-def save(run_dir: Path, ddp, optimizer, step: int, method: str, tp: int, pp: int):
+def save(run_dir: Path, ddp, optimizer, step: int, method: str, tp: int, pp: int, vp: int | None):
     from nemo_adapt.training import checkpoint as ckpt
 
     state = ckpt.TrainState(step=step, consumed_samples=step * GBS, epoch=0, tokens_seen=0,
-                            layout={"tensor": tp, "pipeline": pp, "data": 1}, peft_method=method,
+                            layout={"tensor": tp, "pipeline": pp, "virtual_pipeline": vp, "data": 1},
+                            peft_method=method,
                             data_fingerprint="battery", base_model_fingerprint="random:tiny_llama", seed=7)
     ckpt.save_checkpoint(run_dir, ddp, optimizer, state, trainable_only=True, keep_last=1)
 
 
-def run_case(case, tp: int, pp: int, out: Path, resume_from: Path | None) -> dict:
+def run_case(case, tp: int, pp: int, vp: int | None, out: Path, resume_from: Path | None) -> dict:
     from megatron.core import parallel_state as ps
 
     from nemo_adapt.artifacts.adapter import save_adapter
@@ -184,10 +196,11 @@ def run_case(case, tp: int, pp: int, out: Path, resume_from: Path | None) -> dic
     from nemo_adapt.training import checkpoint as ckpt
     from nemo_adapt.training import engine
 
-    cfg = recipe(case, tp, pp)
+    cfg = recipe(case, tp, pp, vp)
     model, spec, ddp, optimizer, base = build(cfg)
     rec: dict = {"trainable": model_parallel_sum(trainable_parameters(model, unique=True)),
-                 "trainable_rank": trainable_parameters(model), "layers_local": len(model.decoder.layers),
+                 "trainable_rank": trainable_parameters(model), "chunks": len(chunks_of(model)),
+                 "layers_local": sum(len(c.decoder.layers) for c in chunks_of(model)),
                  "first_stage": ps.is_pipeline_first_stage()}
     rec["step0_vs_base"] = max_diff(logits(model, spec), base)
     with adapters_disabled(model):
@@ -196,7 +209,7 @@ def run_case(case, tp: int, pp: int, out: Path, resume_from: Path | None) -> dic
     losses = []
     for step in range(STEPS):
         if step == SAVE_AFTER:
-            save(out / case.id, ddp, optimizer, step, case.peft["method"], tp, pp)
+            save(out / case.id, ddp, optimizer, step, case.peft["method"], tp, pp, vp)
         loss, _, updated = engine.train_step(ddp, optimizer, batches(step, case.packed), SEQ, MBS, cfg.optim.lr)
         assert updated
         losses.append(loss)
@@ -210,7 +223,8 @@ def run_case(case, tp: int, pp: int, out: Path, resume_from: Path | None) -> dic
         rec["disabled_vs_base"] = max_diff(logits(model, spec), base)
         rec["generation_disabled"] = generation(model, spec, uncached=False)
     if case.mergeable:
-        merged_layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "adapter_enabled")]
+        merged_layers = [m for c in chunks_of(model) for m in c.modules()
+                         if hasattr(m, "merge") and hasattr(m, "adapter_enabled")]
         for m in merged_layers:
             m.merge()
         rec["merged_vs_adapted"] = max_diff(logits(model, spec), trained)
@@ -222,7 +236,8 @@ def run_case(case, tp: int, pp: int, out: Path, resume_from: Path | None) -> dic
     rec["generation"] = generation(model, spec)
     rec["decode_vs_full"] = decode_vs_full(model, spec, PROMPTS[0])
     if case.collapsible:
-        collapse(model)
+        for c in chunks_of(model):
+            collapse(c)
         rec["collapsed_vs_trained"] = max_diff(logits(model, spec), trained)
         rec["trainable_collapsed"] = model_parallel_sum(trainable_parameters(model, unique=True))
         rec["generation_collapsed"] = generation(model, spec, uncached=False)
@@ -246,6 +261,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--vp", type=int, default=None, help="virtual-pipeline chunks per rank (interleaved)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume-from", default=None)
     ap.add_argument("--cases", default=None, help="comma-separated case ids (default: all)")
@@ -255,13 +271,13 @@ def main():
     from tests.distributed.peft_cases import PEFT_CASES, case_by_id
 
     cases = [case_by_id(c) for c in args.cases.split(",")] if args.cases else PEFT_CASES
-    runtime.initialize(runtime.ParallelLayout(tensor=args.tp, pipeline=args.pp), seed=7)
+    runtime.initialize(runtime.ParallelLayout(tensor=args.tp, pipeline=args.pp, virtual_pipeline=args.vp), seed=7)
     out = Path(args.out)
     resume = Path(args.resume_from) if args.resume_from else None
     results = {}
     for case in cases:
         runtime.seed_all(7)
-        results[case.id] = run_case(case, args.tp, args.pp, out, resume)
+        results[case.id] = run_case(case, args.tp, args.pp, args.vp, out, resume)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
     runtime.shutdown()
 

@@ -1,9 +1,10 @@
-"""The shared PEFT battery: every row of `peft_cases.PEFT_CASES` at TP1, TP2, PP2 and TP2xPP2 on CPU/gloo.
+"""The shared PEFT battery: every row of `peft_cases.PEFT_CASES` at TP1, TP2, PP2, TP2xPP2 and PP2xVP2
+(interleaved pipeline: two model chunks per rank) on CPU/gloo.
 
 One torchrun launch per layout runs all rows (see `peft_battery_worker.py`), so adding a method costs
 seconds, not launches. Launches run in order and each resumes the previous layout's checkpoints:
 
-    TP1 -> TP2 (resumes TP1's)  -> PP2 (resumes TP2's) -> TP2xPP2 (resumes PP2's)
+    TP1 -> TP2 (resumes TP1's)  -> PP2 (resumes TP2's) -> TP2xPP2 (resumes PP2's) -> PP2xVP2 (resumes TP2xPP2's)
 
 Checked per row, at every layout: the 3 training losses equal TP1's within 1e-4; a step-2
 adapter-only checkpoint saved at one layout and loaded at the next gives step 3's loss within 1e-4
@@ -28,8 +29,9 @@ from tests.distributed.peft_cases import PEFT_CASES, planner_args
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
 WORKER = Path(__file__).resolve().parent / "peft_battery_worker.py"
-# name: (tp, pp, layout whose checkpoints it resumes)
-LAYOUTS = {"tp1": (1, 1, None), "tp2": (2, 1, "tp1"), "pp2": (1, 2, "tp2"), "tp2pp2": (2, 2, "pp2")}
+# name: (tp, pp, vp, layout whose checkpoints it resumes)
+LAYOUTS = {"tp1": (1, 1, None, None), "tp2": (2, 1, None, "tp1"), "pp2": (1, 2, None, "tp2"),
+           "tp2pp2": (2, 2, None, "pp2"), "pp2vp2": (1, 2, 2, "tp2pp2")}
 IDS = [c.id for c in PEFT_CASES]
 TOL = 1e-4
 
@@ -59,10 +61,10 @@ def battery(tmp_path_factory) -> dict[str, list[dict]]:
         else:
             os.environ["NEMO_ADAPT_CACHE"] = old
     results = {}
-    for name, (tp, pp, resume) in LAYOUTS.items():
+    for name, (tp, pp, vp, resume) in LAYOUTS.items():
         out = root / name
         out.mkdir()
-        args = ["--tp", str(tp), "--pp", str(pp), "--out", str(out)]
+        args = ["--tp", str(tp), "--pp", str(pp), "--out", str(out)] + (["--vp", str(vp)] if vp else [])
         if resume:
             args += ["--resume-from", str(root / resume)]
         torchrun(tp * pp, WORKER, *args, env=env, timeout=900)
@@ -94,7 +96,7 @@ def test_losses_equal_at_every_layout(battery, case):
 def test_adapter_checkpoint_resumes_at_another_layout(battery, case):
     """Step-2 checkpoint saved at layout X, loaded at layout Y: Y's step 3 equals the straight run's."""
     straight = battery["tp1"][0][case.id]["losses"][2]
-    for layout, (_, _, saved_at) in LAYOUTS.items():
+    for layout, (_, _, _, saved_at) in LAYOUTS.items():
         if saved_at is None:
             continue
         for r in battery[layout]:
@@ -167,7 +169,8 @@ def test_adapter_artifact_is_layout_independent(battery, case):
 @pytest.mark.parametrize("case", cases())
 def test_trainable_counts_match_planner(battery, case):
     """Per rank: the planner's per-rank estimate (sharded per layer x local layers + first-stage part +
-    every-stage part); per model: the sum over the model-parallel group = the planner's total; after
+    every-stage part, held once per model chunk); per model: the sum over the model-parallel group = the
+    planner's total (replicated copies counted once); after
     collapse, the planner's saved (inference) count."""
     from nemo_adapt.models.spec import get_model_spec
     from nemo_adapt.planner.memory import peft_param_breakdown, peft_rank_params, peft_trainable_params
@@ -180,7 +183,7 @@ def test_trainable_counts_match_planner(battery, case):
         per_layer, first, every = peft_rank_params(spec, LAYOUTS[layout][0], breakdown)
         for r in ranks:
             rec = r[case.id]
-            expected = per_layer * rec["layers_local"] + (first if rec["first_stage"] else 0) + every
+            expected = per_layer * rec["layers_local"] + (first if rec["first_stage"] else 0) + every * rec["chunks"]
             assert rec["trainable_rank"] == expected, f"{layout}: rank holds {rec['trainable_rank']}, planner {expected}"
             assert rec["trainable"] == breakdown.training_total, f"{layout}"
             if case.collapsible:

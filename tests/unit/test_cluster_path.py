@@ -47,9 +47,12 @@ def test_packed_rows_reach_local_attention_as_block_diagonal_mask():
     # Megatron convention: True = masked. Token 3 (second example) must not see tokens 0-2 of the first.
     assert mask[0, 0, 3, :3].all() and not mask[0, 0, 3, 3]
     assert not mask[0, 0, 2, :3].any()
-    # Rows holding one example each: plain causal attention, no mask and no THD.
+    # Rows holding one example each: plain causal attention on the local path; THD keeps its shape
+    # (pipeline p2p shapes must not change between micro-batches) with one sequence per run.
     single = {k: v[1:] for k, v in _packed_batch().items()}
-    assert packed_inputs(single, thd=True)[1:] == (None, None)
+    assert packed_inputs(single, thd=False)[1:] == (None, None)
+    flat, mask, params = packed_inputs(single, thd=True)
+    assert mask is None and flat["tokens"].shape == (1, 8) and params.cu_seqlens_q.tolist() == [0, 6, 8]
 
 
 def test_local_spec_on_gpu_never_routes_packed_masks_through_the_causal_fused_softmax(monkeypatch):
