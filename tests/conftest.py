@@ -161,3 +161,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+
+
+def run_tiny(tmp_path: Path, name: str, data: dict[str, Path], env: dict, nproc: int = 1, overrides=(), check=True,
+             **sections):
+    """`nemo-adapt run` of the tiny recipe (`write_tiny_recipe` with `sections`) in tmp_path/name under
+    torchrun with `nproc` ranks. Returns (run directory, completed process)."""
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    recipe = write_tiny_recipe(d, data, **sections)
+    proc = torchrun(nproc, "-m nemo_adapt.cli", "run", str(recipe), *overrides, env=env, check=check)
+    return d / "run", proc

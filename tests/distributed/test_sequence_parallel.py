@@ -8,23 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import torchrun, train_losses, write_tiny_chat_data, write_tiny_recipe
+from tests.conftest import torchrun, train_losses, write_tiny_recipe
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 RUN = "-m nemo_adapt.cli"
 # The tiny task's examples are 59 tokens: at the recipe's 64 positions a row holds one, at 128 two,
 # so packing (several examples per row, attention kept within each) is really exercised.
 SEQ_LENGTH = 128
-
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    return {"NEMO_ADAPT_CACHE": str(tmp_path_factory.mktemp("cache"))}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_tiny_chat_data(tmp_path_factory.mktemp("tiny_data"))
 
 
 def _run_tp2(tmp_path: Path, name: str, data, env, sequence_parallel: bool, peft: dict) -> Path:

@@ -1,33 +1,14 @@
 """The training engine end to end through `nemo-adapt run` on CPU over gloo (torchrun):
 parallel equivalence, exact resume after SIGKILL, resume at another layout, artifacts."""
 
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import torchrun, train_losses, write_tiny_chat_data, write_tiny_recipe
+from tests.conftest import run_tiny as _run
+from tests.conftest import train_losses
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
-RUN = "-m nemo_adapt.cli"
-
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    return {"NEMO_ADAPT_CACHE": str(tmp_path_factory.mktemp("cache"))}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_tiny_chat_data(tmp_path_factory.mktemp("tiny_data"))
-
-
-def _run(tmp_path: Path, name: str, data, env, nproc: int = 1, overrides=(), check=True, **sections):
-    d = tmp_path / name
-    d.mkdir(exist_ok=True)
-    recipe = write_tiny_recipe(d, data, **sections)
-    proc = torchrun(nproc, RUN, "run", str(recipe), *overrides, env=env, check=check)
-    return d / "run", proc
 
 
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
