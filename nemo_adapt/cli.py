@@ -24,6 +24,7 @@ _SUBCOMMANDS = {
     "config": "nemo_adapt.config.cli",
     "launch": "nemo_adapt.launch.cli",
     "eval": "nemo_adapt.eval.cli",
+    "merge": "nemo_adapt.merge.cli",
 }
 
 

@@ -1,0 +1,275 @@
+"""`nemo-adapt merge MERGE.yaml`: merge fine-tuned checkpoints of one base model into a Hugging Face directory.
+
+A merge file, in the spirit of mergekit's:
+
+    merge_method: ties                  # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp
+    base_model: /ckpt/Llama-3-8B        # the shared base (methods on task vectors need it)
+    models:
+      - {model: /ckpt/llama3-8b-support, weight: 1.0, density: 0.5}
+      - {model: /ckpt/llama3-8b-legal,   weight: 0.5, density: 0.5}
+    parameters: {lambda: 1.0, normalize: true, seed: 0}   # t for slerp
+    dtype: bfloat16                     # float32 | bfloat16 | float16
+    out: merged/llama3-8b-support-legal
+
+Models are Hugging Face directories, .gguf files or `embedded:smollm2_135m`. Everything is checked before
+anything is written (method, keys, architectures and every tensor's presence and shape); tensors are then
+streamed: one tensor per input in memory at a time, merged in fp32, cast to `dtype` and written in shards.
+The output appears only when complete: the merged weights, config, tokenizer, and `merge_config.json`
+with the lineage (every parent's fingerprint, method, parameters, code version) and `status: unvalidated`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nemo_adapt.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+SHARD_BYTES = 2 * 2**30
+"""Largest output shard (the Hugging Face convention for big checkpoints is a few GB per file)."""
+
+
+@dataclass
+class MergeModel:
+    """One fine-tuned model to merge."""
+
+    model: str
+    """Checkpoint: a Hugging Face directory, a .gguf file or `embedded:smollm2_135m`."""
+    weight: float = 1.0
+    """Its weight in the weighted sum."""
+    density: float = 1.0
+    """Share of its task-vector entries kept (TIES trims, DARE drops at random); 1 keeps all."""
+
+
+@dataclass
+class MergeConfig:
+    """A validated merge file."""
+
+    merge_method: str
+    models: list[MergeModel]
+    out: Path
+    base_model: str | None = None
+    parameters: dict = field(default_factory=dict)
+    dtype: str = "bfloat16"
+    source: Path | None = None
+
+
+_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out")
+_MODEL_KEYS = ("model", "weight", "density")
+_PARAM_KEYS = {"lambda": "lambda_", "normalize": "normalize", "t": "t", "seed": "seed"}
+
+
+def _unknown(key: str, allowed, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}.{hint} Allowed: {', '.join(allowed)}")
+
+
+def load_merge_config(path: str | Path, out: str | None = None) -> MergeConfig:
+    """Read and validate a merge file (nothing is opened but the file itself).
+
+    Raises:
+        ConfigError: naming the file, the key and what is allowed.
+    """
+    import yaml
+
+    from nemo_adapt.merge import get_merge_method
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"merge file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(_TOP_KEYS)}")
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise _unknown(key, _TOP_KEYS, str(path))
+    for key in ("merge_method", "models"):
+        if key not in data:
+            raise ConfigError(f"{path}: `{key}` is required")
+    method = get_merge_method(str(data["merge_method"]))
+    models_raw = data["models"]
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError(f"{path}: `models` must be a non-empty list of {{model: PATH, weight, density}}")
+    models = []
+    for i, entry in enumerate(models_raw):
+        where = f"{path}: models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{where} must be a mapping with `model` (a checkpoint path)")
+        for key in entry:
+            if key not in _MODEL_KEYS:
+                raise _unknown(key, _MODEL_KEYS, where)
+        m = MergeModel(str(entry["model"]), entry.get("weight", 1.0), entry.get("density", 1.0))
+        if not isinstance(m.weight, int | float) or isinstance(m.weight, bool):
+            raise ConfigError(f"{where}.weight={m.weight!r} must be a number")
+        if not isinstance(m.density, int | float) or not 0 < m.density <= 1:
+            raise ConfigError(f"{where}.density={m.density!r} must be in (0, 1]")
+        models.append(m)
+    if method.num_models is not None and len(models) != method.num_models:
+        raise ConfigError(f"{path}: merge_method={method.name} merges exactly {method.num_models} models, "
+                          f"`models` lists {len(models)}")
+    base = data.get("base_model")
+    if method.needs_base and not base:
+        raise ConfigError(f"{path}: merge_method={method.name} works on task vectors (model - base): set base_model")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: `parameters` must be a mapping ({', '.join(_PARAM_KEYS)})")
+    for key in params:
+        if key not in _PARAM_KEYS:
+            raise _unknown(key, _PARAM_KEYS, f"{path}: parameters")
+    dtype = str(data.get("dtype", "bfloat16"))
+    if dtype not in DTYPES:
+        raise ConfigError(f"{path}: dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+    out_dir = out or data.get("out")
+    if not out_dir:
+        raise ConfigError(f"{path}: `out` (the output directory) is required, or pass --out")
+    return MergeConfig(method.name, models, Path(out_dir), str(base) if base else None, dict(params), dtype, path)
+
+
+def _code_version() -> str:
+    import subprocess
+
+    import nemo_adapt
+
+    version = getattr(nemo_adapt, "__version__", "0")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
+    """Merge as `cfg` says and write the output directory (see the module docstring).
+
+    Returns:
+        The output directory.
+
+    Raises:
+        CheckpointError / ConfigError: a parent cannot be opened, architectures differ, a tensor is missing
+            or misshapen; raised before anything is written.
+    """
+    import torch
+
+    from nemo_adapt.merge import MergeParams, get_merge_method
+    from nemo_adapt.models import hf
+    from nemo_adapt.models.hf import check_spec_matches
+    from nemo_adapt.models.loader import base_fingerprint, open_source
+    from nemo_adapt.models.weights import hf_shapes
+
+    method = get_merge_method(cfg.merge_method)
+    params = MergeParams(**{_PARAM_KEYS[k]: v for k, v in cfg.parameters.items()})
+    dtype = getattr(torch, cfg.dtype)
+
+    # Open every parent (config and tensor index; no weights) and check they share one architecture.
+    base = open_source(cfg.base_model) if cfg.base_model else None
+    parents = [open_source(m.model) for m in cfg.models]
+    ref = base or parents[0]
+    spec = ref.spec
+    for m, src in zip(cfg.models, parents):
+        check_spec_matches(spec, src.spec, f"model {m.model!r} (the merge's reference is {ref.location!r})")
+    shapes = hf_shapes(spec)
+
+    # Shard plan from the shapes alone: tensors in name order, a new shard once SHARD_BYTES would be passed.
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+
+    out = cfg.out.resolve()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weights = [float(m.weight) for m in cfg.models]
+        densities = [float(m.density) for m in cfg.models]
+        done, total, start = 0, len(shapes), time.perf_counter()
+        for i, names in enumerate(shards):
+            merged = {}
+            for name in names:
+                # One tensor per input in memory (fp32), merged, cast; the inputs are dropped right after.
+                tensors = [src.tensors(name) for src in parents]
+                base_t = base.tensors(name) if base is not None else None
+                merged[name] = method.fn(base_t, tensors, weights, densities, params).to(dtype)
+                del tensors, base_t
+                done += 1
+                if progress and (done % 20 == 0 or done == total):
+                    print(f"\rmerge: {done}/{total} tensors, {time.perf_counter() - start:.0f} s", end="",
+                          file=sys.stderr, flush=True)
+            hf.write_shard(tmp, i, len(shards), merged, dtype)
+            del merged
+        if progress:
+            print(file=sys.stderr, flush=True)
+        hf.write_metadata(tmp, spec, len(shards), dtype)
+        tokenizer_from = _save_tokenizer(ref, tmp)
+        lineage = {
+            "status": "unvalidated",
+            "merge_method": method.name, "paper": method.paper,
+            "parameters": {"lambda": params.lambda_, "normalize": params.normalize, "t": params.t, "seed": params.seed},
+            "dtype": cfg.dtype,
+            "base_model": ({"model": cfg.base_model, "fingerprint": base_fingerprint(base)} if base else None),
+            "models": [{"model": m.model, "fingerprint": base_fingerprint(src), "weight": m.weight,
+                        "density": m.density} for m, src in zip(cfg.models, parents)],
+            "architecture": spec.name,
+            "tokenizer": tokenizer_from,
+            "merge_file": str(cfg.source) if cfg.source else None,
+            "code_version": _code_version(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+        (tmp / "merge_config.json").write_text(json.dumps(lineage, indent=2) + "\n")
+        hf.replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a partial output directory
+        raise
+    return out
+
+
+def _save_tokenizer(source, directory: Path) -> str | None:
+    """Save the reference checkpoint's tokenizer with the merge; say so when it has none (returns where
+    it came from, or None)."""
+    from nemo_adapt.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(source.tokenizer_path)
+    except Exception as err:  # a weights-only directory: the merge is still complete, without a tokenizer
+        print(f"merge: note: no tokenizer saved ({source.location!r} has none that loads: {err})", file=sys.stderr)
+        return None
+    tokenizer.save_pretrained(str(directory))
+    return source.location
+
+
+def register(sub) -> None:
+    p = sub.add_parser("merge", help="merge fine-tuned checkpoints of one base model (linear, task arithmetic, "
+                                     "TIES, DARE, SLERP)", description=__doc__.splitlines()[0])
+    p.add_argument("merge_file", help="merge YAML (see `nemo-adapt merge --help` and README)")
+    p.add_argument("--out", help="output directory (overrides the file's `out`)")
+
+    def run(args) -> int:
+        cfg = load_merge_config(args.merge_file, args.out)
+        out = run_merge(cfg)
+        print(f"merged {len(cfg.models)} model(s) with {cfg.merge_method} into {out} "
+              f"(status unvalidated: evaluate it before use)", flush=True)
+        return 0
+
+    p.set_defaults(func=run)
