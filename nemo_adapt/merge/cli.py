@@ -260,8 +260,11 @@ def _save_tokenizer(source, directory: Path) -> str | None:
 
 
 def register(sub) -> None:
+    import argparse
+
     p = sub.add_parser("merge", help="merge fine-tuned checkpoints of one base model (linear, task arithmetic, "
-                                     "TIES, DARE, SLERP)", description=__doc__.splitlines()[0])
+                                     "TIES, DARE, SLERP)", description=__doc__.split("`nemo-adapt merge MERGE.yaml`: ")[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("merge_file", help="merge YAML (see `nemo-adapt merge --help` and README)")
     p.add_argument("--out", help="output directory (overrides the file's `out`)")
 
