@@ -244,6 +244,10 @@ def main(argv=None) -> int:
     from nemo_adapt.parallel import runtime
 
     skip = set(filter(None, args.skip.split(",")))
+    if skip - set("abcd"):
+        print(f"gpu_check: --skip {args.skip!r}: unknown check(s) {', '.join(sorted(skip - set('abcd')))}; "
+              "the checks are a, b, c, d", file=sys.stderr)
+        return 2
     results: dict = {"gpu": torch.cuda.get_device_name() if _gpu() else None, "reduced": args.reduced,
                      "torch": torch.__version__}
     try:

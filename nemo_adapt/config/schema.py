@@ -141,7 +141,11 @@ class ParallelConfig:
         if self.virtual_pipeline is not None:
             check_positive("parallel.virtual_pipeline", self.virtual_pipeline)
             if self.pipeline == 1:
-                raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline > 1")
+                raise ConfigError(f"parallel.virtual_pipeline={self.virtual_pipeline} needs parallel.pipeline > 1; "
+                                  "set parallel.virtual_pipeline=null at parallel.pipeline=1")
+            if self.virtual_pipeline == 1:
+                raise ConfigError("parallel.virtual_pipeline=1 is one model chunk per rank, the plain 1F1B "
+                                  "schedule: set it to null, or to 2 or more to interleave")
         check_choice("parallel.recompute", self.recompute, (None, "selective", "full"))
 
 

@@ -41,8 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from nemo_adapt.config import load_recipe
 
     base = load_recipe(args.recipe, args.overrides)
-    nodes = args.nodes or base.cluster.nodes
-    gpus = args.gpus_per_node or base.cluster.gpus_per_node
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}={value} must be >= 1 (leave it out to use the recipe's cluster section)")
+    nodes = args.nodes if args.nodes is not None else base.cluster.nodes
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else base.cluster.gpus_per_node
     gpu = args.gpu if args.gpu is not None else base.cluster.gpu
     if gpu in ("none", "cpu"):
         gpu = None
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     if result is not None:
         best = result.explicit
-        print(f"# planner: layout {best.layout.label()} fits: {best.fit.reason}", file=sys.stderr)
+        print(f"# planner: layout {best.layout.label()} {best.fit.reason}", file=sys.stderr)
     if args.dry_run:
         print(script, end="")
         print("\n# The job runs (library dry-run mode, hosts node1..nodeN, job id 4242):")

@@ -146,7 +146,7 @@ def check_fits(recipe: str, overrides: list[str], nodes: int, gpus_per_node: int
         if result.explicit_error:
             why = f"the layout breaks a constraint: {result.explicit_error}"
         else:
-            why = f"the layout does not fit: {result.explicit.fit.reason}"
+            why = f"the layout {result.explicit.fit.reason}"
         alternative = ""
         if result.ranked:
             best = result.ranked[0]

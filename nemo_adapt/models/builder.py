@@ -63,10 +63,15 @@ def check_layout(spec: ModelSpec, tensor: int, pipeline: int, virtual_pipeline: 
             )
     stages = pipeline * (virtual_pipeline or 1)
     if spec.num_layers % stages:
-        what = "pipeline" if virtual_pipeline is None else "pipeline x virtual_pipeline"
+        if virtual_pipeline is None or spec.num_layers % pipeline:
+            raise ParallelLayoutError(
+                f"parallel.pipeline={pipeline} does not divide num_layers={spec.num_layers} of model "
+                f"{spec.name!r}; pipeline sizes that do: {divisors(spec.num_layers)}")
+        per_stage = spec.num_layers // pipeline
         raise ParallelLayoutError(
-            f"parallel.{what}={stages} does not divide num_layers={spec.num_layers} of model "
-            f"{spec.name!r}; pipeline sizes that do: {divisors(spec.num_layers)}"
+            f"parallel.pipeline x virtual_pipeline = {pipeline} x {virtual_pipeline} = {stages} does not divide "
+            f"num_layers={spec.num_layers} of model {spec.name!r}; with parallel.pipeline={pipeline}, "
+            f"virtual_pipeline sizes that do: {', '.join(str(v) for v in range(2, per_stage + 1) if per_stage % v == 0)}"
         )
 
 

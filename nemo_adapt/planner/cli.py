@@ -137,8 +137,9 @@ def format_plan(result: PlanResult, top: int = 10) -> str:
         if result.explicit_error:
             lines.append(f"  INVALID: {result.explicit_error}")
         elif result.explicit is not None:
-            verdict = "OK" if result.explicit.fits else "DOES NOT FIT"
-            lines.append(f"  {verdict}: {result.explicit.fit.reason}")
+            # The reason starts with the verdict ("fits: ..." / "does not fit: ..."); shout the bad one.
+            reason = result.explicit.fit.reason
+            lines.append(f"  {reason if result.explicit.fits else reason.replace('does not fit', 'DOES NOT FIT', 1)}")
             lines += format_breakdown(result.explicit)
         lines.append("")
 

@@ -643,9 +643,21 @@ def request_from_config(cfg, *, gpu: str | None = None, nodes: int | None = None
                         recompute=p.recompute or "none", distributed_optimizer=p.distributed_optimizer)
     except ConfigError as err:
         raise type(err)(f"{where}parallel: {err}") from None
+    if "max_context_parallel" not in request_kwargs and not _context_parallel_possible(cfg):
+        # Alternatives must be layouts the trainer runs: no context parallelism where its preflight refuses it.
+        request_kwargs["max_context_parallel"] = 1
     return PlanRequest(model=model, gpu=gpu_name, nodes=n_nodes, gpus_per_node=gpn, seq_length=seq,
                        global_batch_size=gbs, method=method, peft_args=peft_args, precision=prec, layout=layout,
                        source=source, **request_kwargs)
+
+
+def _context_parallel_possible(cfg) -> bool:
+    """Whether the trainer could run this recipe with context parallelism at all (see
+    `training.preflight.check_recipe`): not with packed rows, nor for methods that refuse it."""
+    from nemo_adapt.peft.base import get_peft_method
+
+    method = get_peft_method(cfg.peft.method)
+    return not cfg.data.packing and (method is None or method.supports_context_parallel)
 
 
 def request_from_recipe(path: str | Path, *, gpu: str | None = None, nodes: int | None = None,

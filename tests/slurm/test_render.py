@@ -211,7 +211,7 @@ REFUSED = {
         "data.seq_length=4094 must be divisible by 2 x parallel.context = 4"),
     "vp_does_not_divide_layers": (
         ["recipes/llama3_70b_lora.yaml", "parallel.virtual_pipeline=3"],
-        "parallel.pipeline x virtual_pipeline=12 does not divide num_layers=80"),
+        "parallel.pipeline x virtual_pipeline = 4 x 3 = 12 does not divide num_layers=80 of model 'llama3_70b'; with parallel.pipeline=4, virtual_pipeline sizes that do: 2, 4, 5, 10, 20"),
     "fp8_bare_metal": (
         ["--container", "none", "recipes/llama3_8b_lora.yaml"],
         "train.precision='fp8' needs Transformer Engine"),
@@ -328,3 +328,10 @@ def test_render_refuses_secrets_and_unknown_knobs_but_not_lookalike_keys():
         LaunchSpec(recipe="r.yaml", env={"WANDB_API_KEY": "x"})
     with pytest.raises(ConfigError, match="time='4h' is not a Slurm time limit"):
         LaunchSpec(recipe="r.yaml", time="4h")
+
+
+@pytest.mark.parametrize("flag", ["--nodes", "--gpus-per-node"])
+def test_launch_refuses_a_zero_allocation_instead_of_using_the_recipes(monkeypatch, capsys, flag):
+    code, _, err = launch_dry_run(monkeypatch, capsys, flag, "0", "recipes/llama3_70b_lora.yaml")
+    assert code == 2
+    assert f"{flag}=0 must be >= 1 (leave it out to use the recipe's cluster section)" in err

@@ -116,9 +116,9 @@ def test_shipped_70b_recipe_passes_the_trainer_preflight_on_its_cluster():
 
 
 @pytest.mark.parametrize("recipe,overrides,world,match", [
-    (TINY, ["parallel.virtual_pipeline=2"], 2, r"parallel.virtual_pipeline needs parallel.pipeline > 1"),
+    (TINY, ["parallel.virtual_pipeline=2"], 2, r"parallel.virtual_pipeline=2 needs parallel.pipeline > 1; set parallel.virtual_pipeline=null"),
     (TINY, ["parallel.pipeline=2", "parallel.virtual_pipeline=3"], 2,
-     r"parallel.pipeline x virtual_pipeline=6 does not divide num_layers=4"),
+     r"parallel.pipeline x virtual_pipeline = 2 x 3 = 6 does not divide num_layers=4 of model 'tiny_llama'; with parallel.pipeline=2, virtual_pipeline sizes that do: 2$"),
     (LLAMA70, ["train.global_batch_size=6", "train.micro_batch_size=1"], 8,
      r"groups of parallel.pipeline=4, but a step has 6 per rank.*use a multiple of 4"),
     (LLAMA70, ["parallel.context=2", "parallel.pipeline=2", "parallel.virtual_pipeline=40",
@@ -272,3 +272,14 @@ def test_activation_recompute_on_cpu_gives_the_same_loss_and_gradients(recompute
         assert torch.allclose(grads[name], ref[name], atol=1e-6), name
     # Dropout was on (another seed, other masks, another loss): equal masks were needed for the match.
     assert loss_and_grads(None, seed=6)[0] != pytest.approx(ref_loss, abs=1e-6)
+
+
+def test_planner_offers_no_context_parallel_layout_the_trainer_would_refuse():
+    """Packed rows (the 70B LoRA recipe) cannot run with context parallelism: the planner's alternatives,
+    which `launch` quotes when a layout does not fit, leave CP out; unpacked, CP layouts are offered."""
+    from nemo_adapt.planner.search import plan, request_from_recipe
+
+    packed = plan(request_from_recipe(LLAMA70))
+    assert packed.ranked and all(c.layout.cp == 1 for c in packed.ranked)
+    unpacked = plan(request_from_recipe(LLAMA70, overrides=["data.packing=false"]))
+    assert any(c.layout.cp > 1 for c in unpacked.ranked)

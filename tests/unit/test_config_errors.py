@@ -231,7 +231,14 @@ def test_schema_choice_error_lists_allowed(tmp_path):
 
 def test_schema_error_for_a_key_not_in_the_file_points_at_the_section(tmp_path):
     path = write(tmp_path, "run: {name: x}\nparallel:\n  virtual_pipeline: 2\n")
-    assert error(path) == f"{path}:3: parallel.virtual_pipeline needs parallel.pipeline > 1"
+    assert error(path) == (f"{path}:3: parallel.virtual_pipeline=2 needs parallel.pipeline > 1; "
+                           "set parallel.virtual_pipeline=null at parallel.pipeline=1")
+
+
+def test_virtual_pipeline_of_one_is_refused_not_read_as_interleaving(tmp_path):
+    path = write(tmp_path, "run: {name: x}\nparallel:\n  pipeline: 2\n  virtual_pipeline: 1\n")
+    assert error(path).endswith("parallel.virtual_pipeline=1 is one model chunk per rank, the plain 1F1B "
+                                "schedule: set it to null, or to 2 or more to interleave")
 
 
 def test_peft_schema_error_is_located(tmp_path):
