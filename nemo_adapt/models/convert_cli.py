@@ -18,10 +18,27 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--tensor-parallel", type=int, default=1)
     p.add_argument("--pipeline-parallel", type=int, default=1)
+    p.add_argument("--adapter", help="a nemo-adapt adapter artifact directory to export (with --format peft)")
+    p.add_argument("--format", choices=["hf", "peft"], default="hf",
+                   help="hf: a Hugging Face model directory; peft: a Hugging Face PEFT adapter (needs --adapter)")
+    p.add_argument("--base", help="with --adapter: the base checkpoint (default: the one the artifact names)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.format == "peft" or args.adapter:
+        from nemo_adapt.errors import ConfigError
+
+        if args.format != "peft":
+            raise ConfigError("--adapter exports with --format peft (an HF PEFT adapter); a merged Hugging Face "
+                              "model from an adapter is not available yet")
+        if not args.adapter:
+            raise ConfigError("--format peft exports an adapter: pass --adapter ADAPTER_DIR")
+        from nemo_adapt.artifacts.hf_peft import export_peft
+
+        out = export_peft(args.adapter, args.output, args.base)
+        print(f"exported {args.adapter} as a Hugging Face PEFT adapter to {out}")
+        return 0
     import torch
     import torch.distributed as dist
 

@@ -191,6 +191,14 @@ class Adapter(PeftMethod):
     config_class = AdapterConfig
     paper = "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP, arXiv:1902.00751"
 
+    @classmethod
+    def to_hf_peft(cls, config, tensors, spec):
+        """Houlsby adapters are extra non-linear layers: HF PEFT has no such adapter type and they cannot be
+        folded into the base's linear weights."""
+        raise ConfigError("peft.method=adapter (Houlsby bottleneck adapters) has no Hugging Face PEFT form and "
+                          "cannot be merged into the base weights (they add non-linear layers); serve the "
+                          "nemo-adapt adapter artifact with nemo-adapt, or train LoRA for HF PEFT serving")
+
     def transform(self, module, name):
         parent, _, leaf = name.rpartition(".")
         placement = {"self_attention": "attention", "mlp": "mlp"}.get(leaf)

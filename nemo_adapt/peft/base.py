@@ -76,6 +76,24 @@ class PeftMethod:
         return {}
 
     @classmethod
+    def to_hf_peft(cls, config: PeftConfig, tensors: dict[str, torch.Tensor], spec) -> tuple[dict, dict]:
+        """This method's adapter in Hugging Face PEFT's format, for `nemo-adapt export --format peft`.
+
+        Args:
+            config: the method's config (as trained).
+            tensors: the adapter artifact's tensors (global Megatron names, full TP-gathered shapes).
+            spec: the base model's `ModelSpec`.
+
+        Returns:
+            (adapter_config fields, tensors under HF PEFT's names in `adapter_model.safetensors`).
+
+        Raises:
+            ConfigError: the method has no HF PEFT form (the default), saying what to do instead.
+        """
+        raise ConfigError(f"peft.method={cls.name} has no Hugging Face PEFT export yet; serve the nemo-adapt "
+                          "adapter artifact, or export a merged Hugging Face model where the method merges")
+
+    @classmethod
     def check_recipe(cls, config: PeftConfig, recipe, spec) -> None:
         """Raise ConfigError for recipe settings this method cannot run with (before anything is built).
 

@@ -216,6 +216,12 @@ class DoRA(LoRA):
     config_class = DoRAConfig
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv:2402.09353"
 
+    @classmethod
+    def to_hf_peft(cls, config, tensors, spec):
+        """Not LoRA's export: HF PEFT's DoRA (`use_dora`) also needs the magnitude vectors mapped."""
+        raise ConfigError("peft.method=dora has no Hugging Face PEFT export yet (HF PEFT's use_dora needs the "
+                          "magnitude vectors per projection); serve the nemo-adapt adapter artifact")
+
     def transform(self, module, name):
         wrapped = super().transform(module, name)
         if wrapped is module:

@@ -279,6 +279,46 @@ class LoRA(PeftMethod):
         ratio = float(self.config.lr_ratio_b)
         return {} if ratio == 1.0 else {"*.adapter.up.weight": ratio}
 
+    # Megatron linear -> the Hugging Face (Llama/Qwen2) projections it fuses, in output-row order.
+    HF_TARGETS = {"linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+                  "linear_proj": ("self_attn", ("o_proj",)),
+                  "linear_fc1": ("mlp", ("gate_proj", "up_proj")),
+                  "linear_fc2": ("mlp", ("down_proj",))}
+
+    @classmethod
+    def to_hf_peft(cls, config, tensors, spec):
+        """HF PEFT LoRA: fused layers split into their projections. A fused layer has one A for all its
+        outputs (B A x): each projection gets that A and its rows of B (q/k/v rows from Megatron's
+        per-query-group interleaving, gate/up halves), which gives the same update as the fused pair.
+        HF PEFT's scaling is lora_alpha / r as ours."""
+        from nemo_adapt.models.weights import _split_qkv
+
+        out: dict[str, torch.Tensor] = {}
+        layers: set[int] = set()
+        for name, tensor in tensors.items():
+            parts = name.split(".")  # decoder.layers.<i>.<block>.<linear>.adapter.<down|up>.weight
+            if len(parts) != 8 or parts[:2] != ["decoder", "layers"] or parts[5] != "adapter":
+                raise ConfigError(f"LoRA tensor {name!r} is not decoder.layers.<i>.<block>.<linear>.adapter.<down|up>.weight")
+            layer, linear, which = int(parts[2]), parts[4], parts[6]
+            block, projections = cls.HF_TARGETS[linear]
+            if which == "down":
+                pieces = [tensor.clone() for _ in projections]  # one A per projection (HF PEFT's files)
+            elif linear == "linear_qkv":
+                pieces = list(_split_qkv(spec, tensor))
+            elif linear == "linear_fc1":
+                pieces = list(tensor.chunk(2, dim=0))
+            else:
+                pieces = [tensor]
+            lora = "lora_A" if which == "down" else "lora_B"
+            for proj, piece in zip(projections, pieces):
+                out[f"base_model.model.model.layers.{layer}.{block}.{proj}.{lora}.weight"] = piece.contiguous()
+            layers.add(layer)
+        targets = [p for t in config.target_modules for p in cls.HF_TARGETS[t][1]]
+        fields = {"peft_type": "LORA", "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+                  "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                  "use_dora": False, "layers_to_transform": sorted(layers) if config.layers is not None else None}
+        return fields, out
+
     def apply(self, model, seed=0):
         layers = self.config.layers
         num_layers = model.config.num_layers
