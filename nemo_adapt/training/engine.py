@@ -294,7 +294,6 @@ def forward_step(data_iterator: Iterator[dict], model, packed: bool = False):
     Engine every micro-batch is flattened to THD (p2p shapes must not change between micro-batches).
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
     from nemo_adapt.peft.virtual_tokens import prepend_virtual_positions, virtual_token_count
 
@@ -306,6 +305,8 @@ def forward_step(data_iterator: Iterator[dict], model, packed: bool = False):
         batch = prepend_virtual_positions(batch, n_virtual)
     batch, mask, packed_params = packed_inputs(batch, packed and uses_thd_packing(model))
     if ps.get_context_parallel_world_size() > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
         # This rank's 2 of the 2 x CP sequence chunks (Megatron's load-balanced causal split).
         batch = get_batch_on_this_cp_rank({k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")})
     device = next(model.parameters()).device
