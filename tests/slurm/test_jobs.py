@@ -42,7 +42,8 @@ def test_tiny_cpu_two_nodes_matches_torchrun_tp2_and_pp2(slurm_cluster, tiny_dat
             assert abs(got[step] - value) <= 1e-5, f"{layout} step {step}: slurm {got[step]} vs torchrun {value}"
         # All 4 ranks of both nodes took part: 2-way model parallel x DP2.
         assert json.loads((tmp_path / layout / "slurm" / "results.json").read_text())["layout"] == {
-            "tensor": 2 if layout == "tensor" else 1, "pipeline": 2 if layout == "pipeline" else 1, "data": 2}
+            "tensor": 2 if layout == "tensor" else 1, "pipeline": 2 if layout == "pipeline" else 1,
+            "virtual_pipeline": None, "context": 1, "data": 2}
 
 
 def test_preemption_checkpoints_requeues_and_resumes_same_run(slurm_cluster, tiny_data, tmp_path):
