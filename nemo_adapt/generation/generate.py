@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from nemo_adapt.data.packing import causal_chunk_mask
 from nemo_adapt.errors import ConfigError
+from nemo_adapt.models.builder import model_chunks
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,6 @@ def accepts_chunk_masks(model) -> bool:
     wrapper)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from nemo_adapt.models.builder import model_chunks
-
     cores = [getattr(m, "base_layer", m) for chunk in model_chunks(model) for name, m in chunk.named_modules()
              if name.endswith("core_attention")]
     return bool(cores) and all(isinstance(c, DotProductAttention) for c in cores)
@@ -120,7 +119,6 @@ def _stage_forward(model, tokens, positions, ctx, hidden_shape, dtype, attention
     """
     from megatron.core import parallel_state as ps
 
-    from nemo_adapt.models.builder import model_chunks
     from nemo_adapt.peft.virtual_tokens import unwrap
 
     out = None
@@ -141,16 +139,12 @@ def _stage_forward(model, tokens, positions, ctx, hidden_shape, dtype, attention
 
 
 def _first_chunk(model):
-    from nemo_adapt.models.builder import model_chunks
-
     return model_chunks(model)[0]
 
 
 @contextlib.contextmanager
 def _eval_mode(model):
     """Every chunk in eval mode inside the block; each chunk's training flag restored after."""
-    from nemo_adapt.models.builder import model_chunks
-
     chunks = model_chunks(model)
     was = [c.training for c in chunks]
     for c in chunks:
