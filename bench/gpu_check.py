@@ -23,7 +23,6 @@ Prints a table and writes JSON. A check that cannot run says why ("not run: ..."
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -76,7 +75,7 @@ def _build(spec_name: str, dtype: torch.dtype, packed: bool = False, recompute: 
 
 def check_packed_isolation() -> dict:
     """(a) Two examples packed in one bf16 row vs each alone, through the trainer's `packed_inputs`."""
-    from nemo_adapt.training.engine import packed_inputs, uses_thd_packing
+    from nemo_adapt.training.engine import packed_inputs, packed_seq_params_on, uses_thd_packing
 
     model, spec = _build("tiny_llama", torch.bfloat16, packed=True)
     model.eval()
@@ -97,10 +96,7 @@ def check_packed_isolation() -> dict:
 
     @torch.no_grad()
     def logits(b, mask, params):
-        kw = {}
-        if params is not None:  # cu_seqlens where the attention kernels run
-            kw["packed_seq_params"] = dataclasses.replace(params, cu_seqlens_q=params.cu_seqlens_q.to(device),
-                                                          cu_seqlens_kv=params.cu_seqlens_kv.to(device))
+        kw = {} if params is None else {"packed_seq_params": packed_seq_params_on(params, device)}
         out = model(b["tokens"].to(device), b["position_ids"].to(device),
                     None if mask is None else mask.to(device), **kw)
         return out.float()[..., :spec.vocab_size].reshape(-1, spec.vocab_size)

@@ -105,6 +105,11 @@ def _model_sharded_state_dict(chunks: list, trainable_only: bool) -> dict:
     return per_chunk[0] if len(chunks) == 1 else {f"chunk{i}": sd for i, sd in enumerate(per_chunk)}
 
 
+def _split_chunks(model_sd: dict, n: int) -> list[dict]:
+    """The per-chunk dicts of a (loaded) `_model_sharded_state_dict` for n chunks (an absent chunk: {})."""
+    return [model_sd] if n == 1 else [model_sd.get(f"chunk{i}", {}) for i in range(n)]
+
+
 def _rng_state() -> dict[str, torch.Tensor]:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -252,15 +257,13 @@ def load_checkpoint(path: Path, chunks, optimizer, trainable_only: bool, same_la
     except Exception as err:  # dist_checkpointing raises several error types for missing/mismatched shards
         raise CheckpointError(f"cannot load checkpoint {str(path)!r} into this model: {err}") from err
     # A stage with nothing trainable (prompt tuning past the first stage) gets no "model" entry back.
-    loaded_model = loaded.get("model", {})
-    per_chunk = [loaded_model] if len(chunks) == 1 else [loaded_model.get(f"chunk{i}", {}) for i in range(len(chunks))]
-    for chunk, chunk_sd in zip(chunks, per_chunk):
+    for chunk, chunk_sd in zip(chunks, _split_chunks(loaded.get("model", {}), len(chunks))):
         # Megatron's wrappers forward load_state_dict without returning the key report: load the GPTModel.
         chunk_sd = {_strip_wrappers(k): v for k, v in chunk_sd.items()}
         missing, unexpected = unwrap(chunk).load_state_dict(chunk_sd, strict=False)
         if unexpected:
             raise CheckpointError(f"checkpoint {str(path)!r} has parameters this model lacks: {unexpected[:3]}")
-    if any(per_chunk_sd for per_chunk_sd in ([model_sd] if len(chunks) == 1 else model_sd.values())):
+    if any(_split_chunks(model_sd, len(chunks))):  # this rank holds trainable parameters
         optimizer.load_state_dict(loaded["optimizer"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.safetensors"
     if same_layout and rng_file.is_file():

@@ -283,15 +283,15 @@ def _unwrap(model):
     return model
 
 
-def forward_step(data_iterator: Iterator[dict], model, packed: bool = False):
+def forward_step(data_iterator: Iterator[dict], model, thd: bool = False):
     """Megatron schedule callback: run one micro-batch through this chunk.
 
     On the last stage, logits are computed only where the loss mask is set (answer tokens), not
     at every position: for supervised fine-tuning most positions are prompt or padding, and the
     vocabulary projection is a large share of the FLOPs (21% of SmolLM2-135M's). The loss is the
     same; under sequence parallelism the hidden states are sequence-sharded, so the full
-    projection is used there. `packed`: the run packs rows (`data.packing`), so on Transformer
-    Engine every micro-batch is flattened to THD (p2p shapes must not change between micro-batches).
+    projection is used there. `thd`: packed rows on Transformer Engine (`uses_thd_packing`): every
+    micro-batch is flattened to THD (p2p shapes must not change between micro-batches).
     """
     from megatron.core import parallel_state as ps
 
@@ -303,7 +303,7 @@ def forward_step(data_iterator: Iterator[dict], model, packed: bool = False):
     n_virtual = virtual_token_count(model)
     if n_virtual:
         batch = prepend_virtual_positions(batch, n_virtual)
-    batch, mask, packed_params = packed_inputs(batch, packed and uses_thd_packing(model))
+    batch, mask, packed_params = packed_inputs(batch, thd)
     if ps.get_context_parallel_world_size() > 1:
         from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -315,7 +315,7 @@ def forward_step(data_iterator: Iterator[dict], model, packed: bool = False):
     loss_mask = batch["loss_mask"].to(device)
     extra = {}
     if packed_params is not None:
-        extra["packed_seq_params"] = _to_device(packed_params, device)
+        extra["packed_seq_params"] = packed_seq_params_on(packed_params, device)
     gpt = _unwrap(model)
     if not gpt.post_process or gpt.config.sequence_parallel:
         out = model(tokens, positions, mask, labels=batch["labels"].to(device), **extra)
@@ -336,7 +336,8 @@ def forward_step(data_iterator: Iterator[dict], model, packed: bool = False):
     return losses, partial(_loss_func, torch.ones_like(losses))
 
 
-def _to_device(params, device):
+def packed_seq_params_on(params, device):
+    """`PackedSeqParams` with its tensors (cu_seqlens) on `device`, where the attention kernels run."""
     import dataclasses
 
     return dataclasses.replace(params, **{f.name: getattr(params, f.name).to(device) for f in dataclasses.fields(params)
@@ -360,14 +361,16 @@ def run_schedule(ddp_chunks, microbatches: list[dict], seq_length: int, micro_ba
     ddp_chunks = model_chunks(ddp_chunks)
     # p2p shapes: virtual tokens (prompt tuning, p-tuning) lengthen every row on every stage.
     seq_length += virtual_token_count(ddp_chunks[0])
-    if packed and uses_thd_packing(ddp_chunks[0]):
+    # Decided once per schedule: every chunk of a model has the same attention backend.
+    thd = packed and uses_thd_packing(ddp_chunks[0])
+    if thd:
         # THD: each micro-batch travels flattened as one row of micro_batch_size x seq_length tokens.
         seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     fb = get_forward_backward_func()
     interleaved = len(ddp_chunks) > 1
     # The interleaved schedule pulls micro-batches per chunk: each chunk gets its own iterator over them.
     data = [iter(microbatches) for _ in ddp_chunks] if interleaved else iter(microbatches)
-    losses = fb(forward_step_func=partial(forward_step, packed=packed), data_iterator=data,
+    losses = fb(forward_step_func=partial(forward_step, thd=thd), data_iterator=data,
                 model=list(ddp_chunks) if interleaved else [ddp_chunks[0]],
                 num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
                 decoder_seq_length=seq_length, forward_only=forward_only)

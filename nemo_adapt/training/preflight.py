@@ -77,6 +77,7 @@ def check_recipe(cfg, spec, world_size: int, target: Target) -> None:
     """
     from nemo_adapt.models.builder import check_layout
     from nemo_adapt.peft.base import get_peft_method
+    from nemo_adapt.training.engine import BatchPlan
 
     p, t, d = cfg.parallel, cfg.train, cfg.data
     method = get_peft_method(cfg.peft.method)
@@ -89,11 +90,7 @@ def check_recipe(cfg, spec, world_size: int, target: Target) -> None:
             f"{world_size} processes cannot hold tensor x pipeline x context = {p.tensor} x {p.pipeline} x "
             f"{p.context} = {model_parallel}; launch a multiple of {model_parallel} processes")
     dp = world_size // model_parallel
-    per_rank, rem = divmod(t.global_batch_size, dp)
-    if rem or per_rank % t.micro_batch_size:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                          f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
-    microbatches = per_rank // t.micro_batch_size
+    microbatches = BatchPlan(t.global_batch_size, t.micro_batch_size, dp).num_microbatches  # raises if uneven
     if p.virtual_pipeline and microbatches % p.pipeline:
         # Megatron's interleaved schedule runs micro-batches in groups of PP per model chunk.
         raise ConfigError(
