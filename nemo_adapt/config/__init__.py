@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from nemo_adapt.config.loader import (
         config_to_dict,
         dump_resolved,
+        escape_literals,
         load_recipe,
         load_resolved,
         resolve_run_dir,
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointConfig", "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig",
     "ModelConfig", "OptimConfig", "ParallelConfig", "PeftConfig", "RecipeConfig", "RunConfig", "TrainConfig",
-    "config_to_dict", "dump_resolved", "load_recipe", "load_resolved", "resolve_run_dir", "save_resolved",
+    "config_to_dict", "dump_resolved", "escape_literals", "load_recipe", "load_resolved", "resolve_run_dir",
+    "save_resolved",
 ]
 
 # Public name -> module defining it.

@@ -1,8 +1,9 @@
 """`nemo-adapt config RECIPE [key=value ...]`: print the recipe as it would run, fully resolved.
 
 Every key is shown, defaults included, after the overrides and `${...}` interpolation; the output is
-what the run directory keeps as config.yaml. An invalid recipe or override is a one-line error
-naming the file and line (or the override) and exit code 2.
+what the run directory keeps as config.yaml, and a recipe itself: a literal `${` is printed `\\${`, as
+recipes write it, so the output loads back to the same values. An invalid recipe or override is a
+one-line error naming the file and line (or the override) and exit code 2.
 
 Examples:
     nemo-adapt config recipes/llama3_8b_lora.yaml

@@ -28,17 +28,27 @@ from nemo_adapt.config.schema import RecipeConfig
 from nemo_adapt.errors import ConfigError
 from nemo_adapt.peft.base import PeftConfig, list_peft_methods, peft_config_class
 
-__all__ = ["config_to_dict", "dump_resolved", "load_recipe", "load_resolved", "resolve_run_dir", "save_resolved"]
+__all__ = ["config_to_dict", "dump_resolved", "escape_literals", "load_recipe", "load_resolved", "resolve_run_dir",
+           "save_resolved"]
 
 _RESOLVED_HEADER = ("# Resolved nemo-adapt config: every key, defaults included, after overrides and interpolation.\n"
-                    "# Load it with nemo_adapt.config.load_resolved (values are taken literally).\n")
+                    "# A recipe as well: a literal ${ is written \\${ (and a literal ??? as \\???), so nemo-adapt\n"
+                    "# config/plan/launch/run read it back unchanged, as does nemo_adapt.config.load_resolved.\n")
+# The second header line of resolved files written before literal `${` was escaped: their values are literal.
+_LEGACY_LITERAL_HEADER = "# Load it with nemo_adapt.config.load_resolved (values are taken literally).\n"
 
 # A dotted key of identifiers: `train.micro_batch_size`, `peft`.
 _KEY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 # Float spellings YAML 1.1 leaves as strings (`1e-4`, `3E5`) but any reader means as numbers.
 _FLOAT_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 # `${name:...}` is a resolver call (oc.env, oc.decode, ...), as opposed to a `${section.key}` reference.
-_RESOLVER_RE = re.compile(r"(?<!\\)\$\{\s*[A-Za-z_][\w.]*\s*:")
+# An even run of backslashes before `${` escapes only the backslashes (`\\${oc.env:X}` still calls).
+_RESOLVER_RE = re.compile(r"(?<!\\)(?:\\\\)*\$\{\s*[A-Za-z_][\w.]*\s*:")
+# A `${` and the run of backslashes right before it: OmegaConf's escape unit (`\${` is a literal `${`;
+# 2n backslashes before an escaped `${` stand for n backslashes).
+_DOLLAR_BRACE_RE = re.compile(r"(\\*)\$\{")
+# OmegaConf's missing-value marker `???`, and its escaped spellings `\???`, `\\???`, ... (one backslash dropped).
+_MISSING_RE = re.compile(r"\\*\?\?\?")
 # `section.field` mentioned in a schema error message, to find the line it came from.
 _DOTTED_RE = re.compile(r"\b([a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*)\b")
 
@@ -48,6 +58,22 @@ class _RecipeLoader(yaml.SafeLoader):
 
 
 _RecipeLoader.add_constructor("tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(node))
+
+
+class _ResolvedDumper(yaml.SafeDumper):
+    """Safe YAML whose strings read back exactly.
+
+    YAML readers fold the Unicode line breaks NEL, LS and PS (U+0085, U+2028, U+2029) inside plain and
+    single-quoted scalars; in double quotes the emitter writes them as escapes (\\N, \\L, \\P) instead.
+    """
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if any(ch in value for ch in "\x85\u2028\u2029") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ResolvedDumper.add_representer(str, _represent_str)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +109,12 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
 
 def load_resolved(path: str | os.PathLike[str]) -> RecipeConfig:
-    """Load a config written by `save_resolved`, taking every value literally (no interpolation).
+    """Load a config written by `save_resolved`, without interpolation.
+
+    The writer escapes every literal `${` as `\\${` (see `dump_resolved`); those escapes are decoded
+    here exactly as `load_recipe` decodes them, so both loaders give the saved values. A `${` that is not
+    escaped is kept as written, never resolved: files saved before escaping existed (and hand-written
+    ones) hold literal values.
 
     Args:
         path: the resolved config file (e.g. `<run dir>/config.yaml`).
@@ -112,14 +143,71 @@ def config_to_dict(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
 def dump_resolved(cfg: RecipeConfig) -> str:
     """The config as YAML text, with a header comment: what `save_resolved` writes.
 
+    Strings are escaped as a recipe author would write them: a literal `${` becomes `\\${` (OmegaConf's
+    escape) and a literal `???` becomes `\\???`, so the text is also a recipe that `load_recipe` (and so
+    `nemo-adapt config`, `plan`, `launch` and `run`) reads back to the same values.
+
     Args:
         cfg: a recipe config.
 
     Returns:
-        YAML text that `load_resolved` turns back into an equal config.
+        YAML text that `load_resolved` and `load_recipe` turn back into an equal config.
     """
-    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    body = yaml.dump(escape_literals(config_to_dict(cfg)), Dumper=_ResolvedDumper, sort_keys=False,
+                     default_flow_style=False, allow_unicode=True)
     return _RESOLVED_HEADER + body
+
+
+def escape_literals(value: Any) -> Any:
+    """Plain config data with every string escaped so that recipe loading gives it back unchanged.
+
+    A run of n backslashes followed by `${` becomes 2n backslashes and `\\${` (OmegaConf reads `\\${` as a
+    literal `${` and each doubled backslash before it as one); a string that is only backslashes and
+    `???` gets one more backslash (OmegaConf reads a bare `???` as a missing value). Other text, and
+    backslashes anywhere else, are left alone, as OmegaConf leaves them.
+
+    Args:
+        value: plain data (as `config_to_dict` returns): mappings, lists, strings and scalars.
+
+    Returns:
+        The same structure with strings escaped (a new object; the input is not changed).
+    """
+    if isinstance(value, str):
+        if _MISSING_RE.fullmatch(value) and _omegaconf_escapes_missing():
+            return "\\" + value
+        return _DOLLAR_BRACE_RE.sub(lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, Mapping):
+        return {k: escape_literals(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [escape_literals(v) for v in value]
+    return value
+
+
+def _unescape_literals(value: Any) -> Any:
+    """Inverse of `escape_literals` for a resolved file; an unescaped `${` stays literal (never resolved)."""
+    if isinstance(value, str):
+        if _MISSING_RE.fullmatch(value) and value.startswith("\\") and _omegaconf_escapes_missing():
+            return value[1:]
+
+        def decode(m: re.Match[str]) -> str:
+            n = len(m.group(1))
+            # Odd: n // 2 literal backslashes and an escaped `${`. Even: nothing escaped; kept as written.
+            return "\\" * (n // 2) + "${" if n % 2 else m.group(0)
+
+        return _DOLLAR_BRACE_RE.sub(decode, value)
+    if isinstance(value, Mapping):
+        return {k: _unescape_literals(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unescape_literals(v) for v in value]
+    return value
+
+
+@cache
+def _omegaconf_escapes_missing() -> bool:
+    """Whether this OmegaConf reads `\\???` as the literal text `???` (2.4 does; 2.3 has no escape for it)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"v": "\\???"}).v == "???"
 
 
 def save_resolved(cfg: RecipeConfig, path: str | os.PathLike[str]) -> Path:
@@ -204,8 +292,27 @@ def _load(path: Path, overrides: Sequence[str], interpolate: bool) -> RecipeConf
         for key in _dotted_keys(ov.tree):
             where.exact[key] = ov.label
 
-    merged = _merge_and_resolve(data, in_file, parsed, where) if interpolate else data
+    if interpolate:
+        merged = _merge_and_resolve(data, in_file, parsed, where)
+    elif _LEGACY_LITERAL_HEADER in _header(path):
+        merged = data  # written before literal `${` was escaped: every value is literal
+    else:
+        merged = _unescape_literals(data)
     return _build(merged, where)
+
+
+def _header(path: Path) -> str:
+    """The leading comment lines of a file (its header), or '' when it cannot be read."""
+    lines = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.startswith("#"):
+                    break
+                lines.append(line)
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return "".join(lines)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
