@@ -12,6 +12,7 @@ from nemo_adapt.data.dataset import (
     collate,
     epoch_permutation,
     format_stats,
+    print_data_report,
 )
 from nemo_adapt.data.formats import DataError, Record, RecordFile, load_records, read_records
 from nemo_adapt.data.packing import (
@@ -39,6 +40,7 @@ __all__ = [
     "pack_best_fit",
     "packed_seq_params",
     "pad_token_id",
+    "print_data_report",
     "read_records",
     "tokenize_chat",
 ]

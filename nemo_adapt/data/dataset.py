@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 import torch
 
 from nemo_adapt.data import fingerprint as fpr
-from nemo_adapt.data.formats import DataError, read_records
+from nemo_adapt.data.formats import DataError, data_path_problem, read_records, skip_warning
 from nemo_adapt.data.packing import build_row, pack_best_fit
 from nemo_adapt.data.tokenize import pad_token_id, tokenize_records, tokenizer_identity
 from nemo_adapt.tokenizer import cache_dir as default_cache_root
@@ -201,7 +202,7 @@ def _settings(cfg: DataConfig) -> dict:
 
 def _tokenize_split(path: str, cfg: DataConfig, tokenizer) -> tuple[dict[str, np.ndarray], dict]:
     """Read, tokenize, apply the over-length policy and pack one split; arrays + stats."""
-    rf = read_records(path, cfg.format, cfg.on_bad_record)
+    rf = read_records(path, cfg.format, cfg.on_bad_record, cfg.max_record_bytes)
     examples = tokenize_records(tokenizer, rf.records, cfg.system_prompt,
                                 replace_system_prompt=cfg.replace_system_prompt)
     seq = cfg.seq_length
@@ -249,6 +250,8 @@ def _tokenize_split(path: str, cfg: DataConfig, tokenizer) -> tuple[dict[str, np
         "examples": len(rf.records),
         "skipped": rf.skipped,
         "skipped_total": sum(rf.skipped.values()),
+        "skipped_lines": rf.skipped_lines,
+        "bom": rf.bom,
         "kept": len(kept_ids),
         "truncated": truncated,
         "dropped": dropped_over_length + dropped_no_answer,
@@ -268,8 +271,9 @@ def _tokenize_split(path: str, cfg: DataConfig, tokenizer) -> tuple[dict[str, np
 
 def _build_split(name: str, path: str, cfg: DataConfig, tokenizer, tok_sha: str, cache_root: Path,
                  shuffle: bool, seed: int) -> Dataset:
-    if not Path(path).is_file():
-        raise DataError(f"data.{name}={path!r} does not exist (expected a JSONL file)")
+    problem = data_path_problem(path)
+    if problem is not None:
+        raise DataError(f"data.{name}={path!r} {problem}")
     fp = fpr.split_fingerprint(fpr.sha256_file(path), tok_sha, _settings(cfg))
     entry = fpr.cache_file(cache_root, fp)
     hit = fpr.load_cache(entry, fp)
@@ -287,8 +291,9 @@ def _build_split(name: str, path: str, cfg: DataConfig, tokenizer, tok_sha: str,
 def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     """Read, tokenize, pack and cache the training and validation splits.
 
-    Per split, `stats` holds: `examples` (valid records), `skipped` (reason -> count) and
-    `skipped_total`, `kept`, `truncated`, `dropped` (= `dropped_over_length` + `dropped_no_answer`), `tokens`
+    Per split, `stats` holds: `examples` (valid records), `skipped` (reason -> count),
+    `skipped_total`, `skipped_lines` (reason -> first skipped line numbers), `bom` (the file starts
+    with a UTF-8 byte-order mark), `kept`, `truncated`, `dropped` (= `dropped_over_length` + `dropped_no_answer`), `tokens`
     (non-pad tokens in rows), `answer_tokens` (positions with loss), `rows`, `packing_efficiency`
     (tokens / (rows * seq_length)), `example_tokens_max/mean` (before truncation), `format`, `file`
     and `fingerprint`.
@@ -302,8 +307,8 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
         The datasets, their fingerprints and stats.
 
     Raises:
-        DataError: a file is missing, empty, has no valid records, a bad record (with
-            `on_bad_record="error"`), or no example fits in `seq_length`.
+        DataError: a file is missing, a directory, empty, has no valid records, a bad or too large
+            record (with `on_bad_record="error"`), or no example fits in `seq_length`.
     """
     if not cfg.train:
         raise DataError("data.train is not set; expected the path of a JSONL file")
@@ -322,8 +327,9 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     if cfg.test:
         # The test split is read by the evaluator, not tokenized here; its fingerprint still
         # identifies what the run was evaluated on.
-        if not Path(cfg.test).is_file():
-            raise DataError(f"data.test={cfg.test!r} does not exist (expected a JSONL file)")
+        problem = data_path_problem(cfg.test)
+        if problem is not None:
+            raise DataError(f"data.test={cfg.test!r} {problem}")
         fingerprints["test"] = fpr.split_fingerprint(fpr.sha256_file(cfg.test), tok_sha, _settings(cfg))
     fingerprints["combined"] = fpr.combined_fingerprint(fingerprints)
     return Datasets(train=train, validation=validation, fingerprint=fingerprints, stats=stats,
@@ -339,11 +345,58 @@ def format_stats(name: str, stats: dict) -> str:
 
     Returns:
         E.g. `train: 2000 examples -> 2000 kept (3 truncated, 0 dropped, 1 skipped) in 160 rows,
-        290,000 tokens (31,000 with loss), packing efficiency 88.5%`.
+        290,000 tokens (31,000 with loss), packing efficiency 88.5%`, followed by `; UTF-8 byte-order
+        mark at the start ignored` when the file has one.
     """
     dropped = stats["dropped"]
     skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items())
+    bom = "; UTF-8 byte-order mark at the start ignored" if stats.get("bom") else ""
     return (f"{name}: {stats['examples']} examples -> {stats['kept']} kept ({stats['truncated']} truncated, "
             f"{dropped} dropped, {stats['skipped_total']} skipped{': ' + skipped if skipped else ''}) in "
             f"{stats['rows']} rows, {stats['tokens']:,} tokens ({stats['answer_tokens']:,} with loss), "
-            f"packing efficiency {100 * stats['packing_efficiency']:.1f}%")
+            f"packing efficiency {100 * stats['packing_efficiency']:.1f}%{bom}")
+
+
+def split_skip_warning(name: str, stats: dict) -> str | None:
+    """The warning line for a split whose records were skipped (see `formats.skip_warning`).
+
+    Args:
+        name: split name (the recipe key is `data.<name>`).
+        stats: the split's stats from `build_datasets` (they hold `file`, `skipped`, `skipped_lines`).
+
+    Returns:
+        The warning, or None when no record was skipped.
+    """
+    return skip_warning(stats.get("file", "?"), stats["skipped"], stats.get("skipped_lines"), key=f"data.{name}")
+
+
+def print_data_report(data: Datasets, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """Print each split's stats line, and a warning line for each split with skipped records.
+
+    Args:
+        data: what `build_datasets` returned.
+        out: where the stats lines go (default: sys.stdout at call time).
+        err: where the warnings go (default: sys.stderr at call time).
+    """
+    for name, stats in data.stats.items():
+        print(format_stats(name, stats), file=out or sys.stdout, flush=True)
+        warning = split_skip_warning(name, stats)
+        if warning is not None:
+            print(warning, file=err or sys.stderr, flush=True)
+
+
+def data_summary(data: Datasets) -> dict[str, int]:
+    """Skip counts per split for the run summary: `data/<split>/skipped` and `data/<split>/skipped/<reason>`.
+
+    Args:
+        data: what `build_datasets` returned.
+
+    Returns:
+        Flat name -> count (the total is there also when it is 0).
+    """
+    out: dict[str, int] = {}
+    for name, stats in data.stats.items():
+        out[f"data/{name}/skipped"] = int(stats["skipped_total"])
+        for reason, count in stats["skipped"].items():
+            out[f"data/{name}/skipped/{reason}"] = int(count)
+    return out

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-PIPELINE_VERSION = 1
-"""Bump when the row layout or tokenization logic changes, so old cache entries stop matching."""
+PIPELINE_VERSION = 2
+"""Bump when the row layout or tokenization logic changes, so old cache entries stop matching.
+2: lines end at "\n" only (records holding U+2028 and the like are kept), and stats name skipped lines."""
 TOKENIZATION_SETTINGS = ("format", "seq_length", "packing", "over_length", "on_bad_record", "system_prompt",
-                         "replace_system_prompt")
+                         "replace_system_prompt", "max_record_bytes")
 """DataConfig fields that change the tokenized rows, hence the fingerprint."""
 
 

@@ -262,3 +262,72 @@ def test_missing_and_unset_files(tmp_path, tok):
     with pytest.raises(DataError, match=r"data.validation='.*nope.jsonl' does not exist"):
         build_datasets(cfg(tmp_path, write(tmp_path / "t.jsonl", [chat(1)]), validation=str(tmp_path / "nope.jsonl")),
                        tok, seed=0)
+
+
+def test_skips_reach_the_console_and_the_run_summary(tmp_path, tok, capsys):
+    from nemo_adapt.data.dataset import data_summary, print_data_report
+
+    train = tmp_path / "t.jsonl"
+    lines = [json.dumps(chat(1)), "{oops", json.dumps(chat(2)), "[1]", "{again", json.dumps(chat(3))]
+    train.write_text("\n".join(lines) + "\n")
+    ds = build_datasets(cfg(tmp_path, str(train), validation=write(tmp_path / "v.jsonl", [chat(9)]),
+                           on_bad_record="skip"), tok, seed=0)
+    s = ds.stats["train"]
+    assert s["skipped"] == {"malformed_json": 2, "not_an_object": 1} and s["skipped_total"] == 3
+    assert s["skipped_lines"] == {"malformed_json": [2, 5], "not_an_object": [4]}
+    assert s["kept"] == 3 and s["bom"] is False
+    print_data_report(ds)
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith("train: 3 examples -> 3 kept (0 truncated, 0 dropped, 3 skipped: "
+                                          "malformed_json 2, not_an_object 1) in 3 rows")
+    assert out.splitlines()[1].startswith("validation: 1 examples -> 1 kept")
+    assert err == (f"warning: data.train={str(train)!r}: skipped 3 records (data.on_bad_record=skip): "
+                   "malformed_json 2 (lines 2, 5), not_an_object 1 (line 4)\n")
+    assert data_summary(ds) == {"data/train/skipped": 3, "data/train/skipped/malformed_json": 2,
+                                "data/train/skipped/not_an_object": 1, "data/validation/skipped": 0}
+    # A cache hit reports the same (the stats travel with the cache entry).
+    again = build_datasets(cfg(tmp_path, str(train), on_bad_record="skip"), tok, seed=0)
+    assert again.train.cache_hit and again.stats["train"]["skipped_lines"] == s["skipped_lines"]
+
+
+def test_a_bom_is_accepted_recorded_and_said(tmp_path, tok):
+    train = tmp_path / "bom.jsonl"
+    train.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(chat(i)) + "\r\n" for i in range(3)).encode())
+    ds = build_datasets(cfg(tmp_path, str(train)), tok, seed=0)
+    assert ds.stats["train"]["bom"] is True and ds.stats["train"]["kept"] == 3
+    assert format_stats("train", ds.stats["train"]).endswith("; UTF-8 byte-order mark at the start ignored")
+    plain = build_datasets(cfg(tmp_path, write(tmp_path / "plain.jsonl", [chat(i) for i in range(3)])), tok, seed=0)
+    # the same records with and without BOM / CRLF become the same rows
+    assert [plain.train[i]["tokens"].tolist() for i in range(3)] == [ds.train[i]["tokens"].tolist() for i in range(3)]
+    assert "byte-order mark" not in format_stats("train", plain.stats["train"])
+
+
+def test_a_directory_as_a_split_is_called_a_directory(tmp_path, tok):
+    train = write(tmp_path / "t.jsonl", [chat(1)])
+    folder = tmp_path / "data_dir"
+    folder.mkdir()
+    for key in ("train", "validation", "test"):
+        kw = {"train": train, key: str(folder)}
+        with pytest.raises(DataError) as info:
+            build_datasets(cfg(tmp_path, **kw), tok, seed=0)
+        assert str(info.value) == f"data.{key}={str(folder)!r} is a directory; expected a JSONL file"
+
+
+def test_too_large_records_and_the_limit_in_the_fingerprint(tmp_path, tok):
+    big = chat(5)
+    big["messages"][0]["content"] = "word " * 2000  # a ~10 KB line
+    train = write(tmp_path / "t.jsonl", [chat(1), big, chat(2)])
+    size = len(json.dumps(big).encode())
+    with pytest.raises(DataError) as info:
+        build_datasets(cfg(tmp_path, train, max_record_bytes=4096), tok, seed=0)
+    assert str(info.value).startswith(f"{train}:2: the record is {size:,} bytes ({size / 1024:.1f} KiB), over the "
+                                      "limit data.max_record_bytes=4096 (4.0 KiB); it was not read. Raise the limit "
+                                      "(e.g. data.max_record_bytes=1048576)")
+    skipped = build_datasets(cfg(tmp_path, train, max_record_bytes=4096, on_bad_record="skip"), tok, seed=0)
+    assert skipped.stats["train"]["skipped"] == {"too_large": 1}
+    assert skipped.stats["train"]["skipped_lines"] == {"too_large": [2]} and skipped.stats["train"]["kept"] == 2
+    # the default (1 MiB) reads it; the limit decides what is kept, so it is part of the fingerprint
+    whole = build_datasets(cfg(tmp_path, train, on_bad_record="skip"), tok, seed=0)
+    assert whole.stats["train"]["examples"] == 3 and not whole.train.cache_hit
+    assert whole.fingerprint["train"] != skipped.fingerprint["train"]
+    assert whole.settings["max_record_bytes"] == 1 << 20

@@ -122,3 +122,142 @@ def test_load_records_prompt_answer_and_system_prompt(tmp_path):
     # replace_system_prompt: the short prompt stands in for the record's own instructions.
     replaced = load_records(path, on_bad_record="skip", system_prompt="SHORT", replace_system_prompt=True)
     assert [m["content"] for m in replaced[0].prompt] == ["SHORT", "a", "b", "c"] and replaced[0].answer == "d"
+
+
+# ------------------------------------------------------------------ line ends, BOM, skip reporting
+
+def chat_with(text: str, answer: str = "ok") -> dict:
+    return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]}
+
+
+def test_unicode_line_separators_inside_strings_keep_the_record(tmp_path):
+    # Record 97 holds a raw U+2028 and record 98 a raw U+0085 / U+2029 (valid in JSON strings):
+    # str.splitlines() split both, so with `error` line 97 was "malformed" and with `skip` two
+    # records were dropped. JSONL lines end at "\n" only.
+    records = [chat_with(f"q{i}") for i in range(100)]
+    records[96] = chat_with("first\u2028second")
+    records[97] = chat_with("a\x85b", answer="c\u2029d")
+    path = tmp_path / "train_ls.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+    for mode in ("error", "skip"):
+        rf = read_records(path, on_bad_record=mode)
+        assert len(rf.records) == 100 and rf.skipped == {} and rf.skipped_lines == {}
+        assert [r.line for r in rf.records] == list(range(1, 101))
+        assert rf.records[96].messages[0]["content"] == "first\u2028second"
+        assert rf.records[97].messages[0]["content"] == "a\x85b"
+        assert rf.records[97].answer == "c\u2029d"
+        assert rf.records[98].messages[0]["content"] == "q98"
+
+
+def test_crlf_endings_and_a_bom_on_line_one_are_accepted(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    body = (json.dumps(GOOD_CHAT) + "\r\n" + json.dumps(chat_with("two")) + "\r\n\r\n"
+            + json.dumps(chat_with("three", answer="end")))  # no final newline
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    rf = read_records(path)
+    assert rf.bom is True
+    assert [r.line for r in rf.records] == [1, 2, 4]
+    assert [r.answer for r in rf.records] == ["Hello", "ok", "end"]  # no "\r" left on any value
+    assert read_records(write_lines(tmp_path / "plain.jsonl", [GOOD_CHAT])).bom is False
+    # A BOM anywhere else is not a line start of the file: that line is malformed, named by line.
+    later = tmp_path / "later.jsonl"
+    later.write_bytes(json.dumps(GOOD_CHAT).encode() + b"\n\xef\xbb\xbf" + json.dumps(GOOD_CHAT).encode() + b"\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(later))}:2: invalid JSON"):
+        read_records(later)
+
+
+def test_skipped_lines_are_kept_per_reason_and_named_in_the_warning(tmp_path):
+    lines = [GOOD_CHAT]
+    for _ in range(7):
+        lines += ["{broken", {"text": "no fields"}]
+    path = write_lines(tmp_path / "noisy.jsonl", lines)
+    rf = read_records(path, on_bad_record="skip")
+    assert rf.skipped == {"malformed_json": 7, "missing_field": 7}
+    # line 1 is good; the malformed ones are lines 2, 4, 6, ...; only the first five are kept
+    assert rf.skipped_lines == {"malformed_json": [2, 4, 6, 8, 10], "missing_field": [3, 5, 7, 9, 11]}
+    assert rf.skip_warning("data.train") == (
+        f"warning: data.train={str(path)!r}: skipped 14 records (data.on_bad_record=skip): "
+        "malformed_json 7 (lines 2, 4, 6, 8, 10, ...), missing_field 7 (lines 3, 5, 7, 9, 11, ...)")
+    one = read_records(write_lines(tmp_path / "one.jsonl", [GOOD_CHAT, "{"]), on_bad_record="skip")
+    assert one.skip_warning() == f"warning: {str(tmp_path / 'one.jsonl')!r}: skipped 1 record " \
+                                 "(data.on_bad_record=skip): malformed_json 1 (line 2)"
+    assert read_records(write_lines(tmp_path / "ok.jsonl", [GOOD_CHAT])).skip_warning() is None
+
+
+def test_load_records_says_what_it_skipped(tmp_path, capsys, monkeypatch):
+    path = write_lines(tmp_path / "test.jsonl", [GOOD_PC, "{", GOOD_PC])
+    monkeypatch.delenv("RANK", raising=False)
+    recs = load_records(path, on_bad_record="skip", key="data.test")
+    assert [r.line for r in recs] == [1, 3]
+    assert capsys.readouterr().err == (f"warning: data.test={str(path)!r}: skipped 1 record "
+                                       "(data.on_bad_record=skip): malformed_json 1 (line 2)\n")
+    load_records(path, on_bad_record="skip", warn=False)
+    monkeypatch.setenv("RANK", "1")  # one warning per run, from rank 0
+    load_records(path, on_bad_record="skip")
+    assert capsys.readouterr().err == ""
+
+
+def test_json_errors_read_once_at_column(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", [GOOD_CHAT, '{"input": "unterminated'])
+    with pytest.raises(DataError) as info:
+        read_records(path)
+    assert str(info.value) == (f"{path}:2: invalid JSON (Unterminated string starting at column 11); "
+                               "expected one JSON object per line")
+    path = write_lines(tmp_path / "ctl.jsonl", ['{"input": "a\tb", "output": "x"}'])
+    with pytest.raises(DataError, match=r":1: invalid JSON \(Invalid control character at column 13\)"):
+        read_records(path)
+    path = write_lines(tmp_path / "v.jsonl", ['{"input": }'])
+    with pytest.raises(DataError, match=r":1: invalid JSON \(Expecting value at column 11\)"):
+        read_records(path)
+
+
+def test_a_directory_is_called_a_directory(tmp_path):
+    (tmp_path / "train.jsonl").mkdir()
+    with pytest.raises(DataError) as info:
+        read_records(tmp_path / "train.jsonl")
+    assert str(info.value) == f"data file {str(tmp_path / 'train.jsonl')!r} is a directory; expected a JSONL file"
+    with pytest.raises(DataError, match="does not exist; expected a JSONL file"):
+        read_records(tmp_path / "missing.jsonl")
+
+
+def test_iter_lines_splits_at_newline_only_and_bounds_each_line():
+    import io
+
+    from nemo_adapt.data.formats import Line, iter_lines
+
+    raw = "a\u2028b\r\nc\x0cd\re\n\nlong-line\r\ntail".encode()
+    assert [(x.number, x.data) for x in iter_lines(io.BytesIO(raw))] == [
+        (1, "a\u2028b".encode()), (2, b"c\x0cd\re"), (3, b""), (4, b"long-line"), (5, b"tail")]
+    # With a limit, a longer line is passed over (data None) but its size is still counted exactly.
+    assert list(iter_lines(io.BytesIO(raw), max_bytes=5)) == [
+        Line(1, "a\u2028b".encode(), 5), Line(2, b"c\x0cd\re", 5), Line(3, b"", 0), Line(4, None, 9), Line(5, b"tail", 4)]
+    big = b"x" * (3 << 20) + b"\r\nok\n"
+    assert list(iter_lines(io.BytesIO(big), max_bytes=1000)) == [Line(1, None, 3 << 20), Line(2, b"ok", 2)]
+
+
+def test_other_jsonl_readers_split_at_newline_only(tmp_path, monkeypatch, capsys):
+    # metrics.jsonl: a "\r" between JSON tokens is whitespace, not a line end.
+    from nemo_adapt.logging.run_logger import read_metrics, truncate_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1,\r"loss": 2.5}\n{"step": 2, "loss": 2.0}\r\n{"step": 3, "loss": 1.5}\n')
+    assert read_metrics(metrics) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5}]
+    assert truncate_metrics(metrics, 2) == 1
+    assert read_metrics(metrics) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+
+    # The triage generator's CLI reads back what it wrote (ensure_ascii=False) at "\n" only: a U+2028
+    # in a ticket made it count 3 records for 2 and fail on half a record.
+    from nemo_adapt.data.domains import triage
+
+    real_generate = triage.generate
+
+    def generate_with_separator(seed, sizes):
+        splits = real_generate(seed, sizes)
+        for records in splits.values():
+            records[0]["messages"][1]["content"] += "\u2028(continued)"
+        return splits
+
+    monkeypatch.setattr(triage, "generate", generate_with_separator)
+    triage.main(["--out", str(tmp_path / "triage"), "--train", "2", "--validation", "2", "--test", "2"])
+    out = capsys.readouterr().out
+    assert out.count(": 2 examples;") == 3, out
