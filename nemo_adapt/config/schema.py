@@ -94,7 +94,14 @@ class DataConfig:
     over_length: str = "truncate"
     """Examples longer than seq_length: `truncate` (keep the start) or `drop`; either is counted."""
     on_bad_record: str = "error"
-    """Malformed line, missing field or empty answer: `error` (names file and line) or `skip` (counted)."""
+    """Malformed line, missing field, empty answer or too large record: `error` (names file and line) or
+    `skip` (counted per reason, with the first line numbers, in a warning on the console and the stats)."""
+    max_record_bytes: int = 1 << 20
+    """Longest record in bytes of its JSONL line (default 1 MiB); a longer one is refused before it is
+    parsed, naming its file:line (or, with on_bad_record=skip, counted as `too_large`). Without a limit
+    one runaway line (a log dump, an inlined file) took minutes and tens of GiB to parse and tokenize
+    before being truncated to seq_length anyway. 1 MiB of JSON is ~250k tokens of English, beyond
+    any seq_length here; raise it for long-context data with heavily escaped (e.g. CJK as \\uXXXX) text."""
     system_prompt: str | None = None
     """System message added to prompt/completion examples (and to chats that have none)."""
     replace_system_prompt: bool = False
@@ -111,6 +118,7 @@ class DataConfig:
         check_positive("data.seq_length", self.seq_length)
         check_choice("data.over_length", self.over_length, ("truncate", "drop"))
         check_choice("data.on_bad_record", self.on_bad_record, ("error", "skip"))
+        check_positive("data.max_record_bytes", self.max_record_bytes)
         if self.replace_system_prompt and self.system_prompt is None:
             raise ConfigError("data.replace_system_prompt=true needs data.system_prompt (the text that replaces "
                               "each record's system message)")
