@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nemo_adapt.config.schema import EvalConfig
 from nemo_adapt.eval.task import baseline_messages, exact_match, few_shot_messages
-from nemo_adapt.generation.generate import SamplingParams, generate
+from nemo_adapt.generation.generate import SamplingParams, generate, stop_token_ids
 
 
 def _prompt_ids(tokenizer, messages) -> list[int]:
@@ -41,7 +41,7 @@ def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, sh
     """
     records = list(records)[: cfg.max_examples] if cfg.max_examples else list(records)
     prompts = [_prompt_ids(tokenizer, baseline_messages(shots, r.prompt) if shots else r.prompt) for r in records]
-    eos = {i for i in (spec.eos_token_id, tokenizer.eos_token_id) if i is not None}
+    eos = stop_token_ids(spec, tokenizer)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     start = time.perf_counter()
     predictions: list[str] = []

@@ -30,7 +30,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from nemo_adapt.errors import ConfigError
-    from nemo_adapt.generation.generate import SamplingParams, generate
+    from nemo_adapt.generation.generate import SamplingParams, generate, stop_token_ids
     from nemo_adapt.models.loader import load_model, open_source
     from nemo_adapt.parallel import runtime
     from nemo_adapt.tokenizer import load_tokenizer
@@ -61,7 +61,7 @@ def run(args) -> int:
     try:
         model, source = load_model(source)
         spec = source.spec
-        eos = {i for i in (spec.eos_token_id, tok.eos_token_id) if i is not None}
+        eos = stop_token_ids(spec, tok)
         outputs = generate(model, ids, params, eos, spec.vocab_size, spec.hidden_size,
                            spec.max_position_embeddings)
         if dist.get_rank() == 0:

@@ -162,6 +162,39 @@ def sampling_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def stop_token_ids(spec, tokenizer=None) -> set[int]:
+    """The token ids that end a generated answer; generation and evaluation both stop at this set.
+
+    A checkpoint may state several stop ids (Llama-3-Instruct: 128001 and 128009), the tokenizer has
+    its own eos, and the chat template may close a turn with yet another token (Qwen2.5 base models
+    declare `<|endoftext|>` as eos while their turns end with `<|im_end|>`). A model fine-tuned on
+    chats learns to write the template's end-of-turn token, so stopping only at eos would run on to
+    `max_new_tokens`.
+
+    Args:
+        spec: the model's `ModelSpec` (its `eos_token_ids`).
+        tokenizer: the chat tokenizer, or None.
+
+    Returns:
+        The union of the spec's eos ids, the tokenizer's eos id and the id of the chat template's
+        end-of-turn token (`nemo_adapt.data.tokenize.end_of_turn_text`).
+    """
+    ids = set(spec.eos_token_ids)
+    if tokenizer is None:
+        return ids
+    from nemo_adapt.data.tokenize import end_of_turn_text
+
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eot = end_of_turn_text(tokenizer)
+    if eot:
+        tid = tokenizer.convert_tokens_to_ids(eot)
+        # An unknown text maps to the unk id; that is a stop id only when the text is the unk token.
+        if tid is not None and (tid != tokenizer.unk_token_id or eot == tokenizer.unk_token):
+            ids.add(int(tid))
+    return ids
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_ids: set[int],
              vocab_size: int, hidden_size: int, max_sequence_length: int | None = None) -> list[list[int]]:
@@ -173,7 +206,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
         model: this rank's `GPTModel` stage, or the list of its virtual-pipeline chunks.
         prompts: token ids per prompt (non-empty).
         params: sampling settings.
-        eos_token_ids: ids that end a sequence (not included in the output).
+        eos_token_ids: ids that end a sequence (not included in the output); `stop_token_ids` gives
+            the set for a model and tokenizer.
         vocab_size: real vocabulary size (logits beyond it are TP padding).
         hidden_size: model width (shape of the hidden states sent between stages).
         max_sequence_length: the model's context limit, checked before any work.
@@ -206,7 +240,9 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
     device = next(_first_chunk(model).parameters()).device
     dtype = next(_first_chunk(model).parameters()).dtype
     batch = len(prompts)
-    pad = next(iter(eos_token_ids)) if eos_token_ids else 0
+    # Fills positions past each prompt until a token is written there; never fed to the model or
+    # returned, so any id works. The smallest stop id keeps it the same on every rank and run.
+    pad = min(eos_token_ids) if eos_token_ids else 0
     tokens = torch.full((batch, total), pad, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)

@@ -8,6 +8,7 @@ we only rename tensors and undo llama.cpp's rotary permutation of the query/key 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from nemo_adapt.errors import CheckpointError
-from nemo_adapt.models.spec import ModelSpec
+from nemo_adapt.models.spec import ModelSpec, RopeScaling
 from nemo_adapt.models.weights import TensorSource, hf_shapes
 
 _LAYER_MAP = {
@@ -75,8 +76,76 @@ def _field(reader, key: str, default=None):
     return field.contents()
 
 
+def _float32(value) -> float:
+    # GGUF stores floats as float32; the shortest decimal that rounds to it is the value the converter
+    # was given (rms epsilon 1e-5 is stored as 9.9999997e-06 and read back as 1e-05).
+    return float(str(np.float32(value)))
+
+
+def _llama3_rope_factors(theta: float, dim: int, scaling: RopeScaling) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter stores as `rope_freqs.weight` for Llama-3.1
+    style scaling (one per rotary pair; 1 for high frequencies, `factor` for low ones, smooth between)."""
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    old = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(scaling.factor)
+        else:
+            smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+            out.append(1 / ((1 - smooth) / scaling.factor + smooth))
+    return np.array(out)
+
+
+def _rope_scaling_from_freqs(reader, theta: float, dim: int, source: str) -> RopeScaling | None:
+    """The llama3 RoPE scaling a `rope_freqs.weight` tensor encodes (None when the file has none).
+
+    Raises:
+        CheckpointError: the stored factors are not Megatron-Core's llama3 scaling (low/high frequency
+            factors 1 and 4, 8192 original context) for any scaling factor.
+    """
+    import gguf
+
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return None
+    stored = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+    if stored.size and np.allclose(stored, 1.0):
+        return None  # all divisors 1: no scaling
+    factor = float(stored.max())
+    scaling = RopeScaling(factor=_float32(factor))
+    expected = _llama3_rope_factors(theta, dim, scaling)
+    if stored.shape != expected.shape or not np.allclose(stored, expected, rtol=1e-3):
+        raise CheckpointError(
+            f"{source}: tensor rope_freqs.weight holds RoPE frequency divisors {stored[:4].round(4).tolist()}... that "
+            f"are not Llama-3.1 scaling with low_freq_factor=1, high_freq_factor=4, original context 8192 (the only "
+            "RoPE scaling Megatron-Core supports besides none)")
+    return scaling
+
+
 def spec_from_gguf(reader, name: str, source: str) -> ModelSpec:
-    """The architecture a GGUF file describes (llama and qwen2 architectures)."""
+    """The architecture a GGUF file describes (llama and qwen2 architectures).
+
+    Every metadata key that changes the model's output is either read (context length, rope frequency
+    base and scaling, RMS epsilon, bos and every end-of-generation id) or refused with its value (an
+    unsupported rope scaling type, partial rotary dimensions, experts, a sliding window shorter than
+    the context, clamped qkv, a logit scale).
+
+    Args:
+        reader: a `gguf.GGUFReader` of the file.
+        name: the spec's name.
+        source: what the file is, for messages.
+
+    Returns:
+        The spec; the file's padding token id is carried as `hf_extra["pad_token_id"]`.
+
+    Raises:
+        CheckpointError: unsupported architecture, a missing required key or an unsupported setting.
+    """
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise CheckpointError(f"{source}: general.architecture={arch!r} is not supported (llama, qwen2)")
@@ -94,20 +163,57 @@ def spec_from_gguf(reader, name: str, source: str) -> ModelSpec:
         vocab = len(tokens.data) if tokens is not None else None
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    return ModelSpec(
-        name=name, family="qwen2" if arch == "qwen2" else "llama",
-        num_layers=int(get("block_count")), hidden_size=hidden,
-        ffn_hidden_size=int(get("feed_forward_length")), num_attention_heads=heads,
-        num_query_groups=int(get("attention.head_count_kv", heads)), vocab_size=int(vocab),
-        max_position_embeddings=int(get("context_length")),
-        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        tie_word_embeddings="output.weight" not in names,
-        qkv_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-    )
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    context = int(get("context_length"))
+    theta = _float32(get("rope.freq_base", 10000.0))
+
+    def refuse(key, value, supported):
+        raise CheckpointError(f"{source}: metadata {arch}.{key}={value!r} is not supported; supported: {supported}")
+
+    experts = _field(reader, f"{arch}.expert_count")
+    if experts:
+        refuse("expert_count", experts, "dense models (no experts)")
+    rotary = _field(reader, f"{arch}.rope.dimension_count")
+    if rotary is not None and int(rotary) != head_dim:
+        refuse("rope.dimension_count", rotary, f"rotary embeddings over the whole head ({head_dim})")
+    rope_type = _field(reader, f"{arch}.rope.scaling.type")
+    if rope_type not in (None, "none"):
+        factor = _field(reader, f"{arch}.rope.scaling.factor")
+        refuse("rope.scaling.type", rope_type, f"none (this file's factor: {factor}); Llama-3.1 scaling is read from "
+                                                 "the rope_freqs tensor")
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    if window and int(window) < context:
+        refuse("attention.sliding_window", window, f"none, or at least the context length {context} (nemo-adapt's "
+                                                    "attention is full causal)")
+    clamp = _field(reader, f"{arch}.attention.clamp_kqv")
+    if clamp:
+        refuse("attention.clamp_kqv", clamp, "none")
+    logit_scale = _field(reader, f"{arch}.logit_scale")
+    if logit_scale is not None and _float32(logit_scale) != 1.0:
+        refuse("logit_scale", logit_scale, "1.0")
+    # llama.cpp stops generation at any end-of-generation id: eos, end-of-turn, end-of-message.
+    eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    try:
+        return ModelSpec(
+            name=name, family="qwen2" if arch == "qwen2" else "llama",
+            num_layers=int(get("block_count")), hidden_size=hidden,
+            ffn_hidden_size=int(get("feed_forward_length")), num_attention_heads=heads,
+            num_query_groups=int(get("attention.head_count_kv", heads)), vocab_size=int(vocab),
+            max_position_embeddings=context,
+            head_dim=head_dim,
+            rope_theta=theta,
+            rope_scaling=_rope_scaling_from_freqs(reader, theta, head_dim, source),
+            norm_eps=_float32(get("attention.layer_norm_rms_epsilon")),
+            tie_word_embeddings="output.weight" not in names,
+            qkv_bias="blk.0.attn_q.bias" in names,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=[int(i) for i in eos if i is not None] or None,
+            hf_extra={"pad_token_id": int(pad)} if pad is not None else {},
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{source}: metadata describes an invalid model: {err}") from err
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -125,11 +231,10 @@ class GGUFSource:
         self.path = str(path)
         self.reader = _reader(path)
         found = spec_from_gguf(self.reader, spec.name if spec else Path(path).stem, f"GGUF file {self.path!r}")
-        if spec is not None:
-            from nemo_adapt.models.hf import check_spec_matches
+        from nemo_adapt.models.hf import reconcile_spec
 
-            check_spec_matches(spec, found, f"GGUF file {self.path!r}")
-        self.spec = spec or found
+        # Shapes must match a registered spec; the settings the file states win over its own.
+        self.spec = reconcile_spec(spec, found, f"GGUF file {self.path!r}")
         self.arch = _field(self.reader, "general.architecture")
         self._tensors = {}
         for t in self.reader.tensors:
@@ -168,8 +273,17 @@ class GGUFSource:
 def open_gguf(path: str | os.PathLike, spec: ModelSpec | None = None) -> tuple[ModelSpec, TensorSource]:
     """Open a GGUF file; returns (spec, source) like `hf.open_checkpoint`.
 
+    Args:
+        path: the .gguf file.
+        spec: a registered architecture to check it against (shapes must match; the file's
+            settings win, with a warning naming each that differs), or None to use the file's own.
+
+    Returns:
+        (spec, source): the architecture and a function returning dequantised tensors by HF name.
+
     Raises:
-        CheckpointError: missing or unreadable file, unsupported architecture, mismatch with `spec`.
+        CheckpointError: missing or unreadable file, unsupported architecture or setting, shape
+            mismatch with `spec`.
     """
     src = GGUFSource(path, spec)
     return src.spec, src

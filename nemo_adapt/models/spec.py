@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import warnings
 from dataclasses import dataclass, field
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -64,14 +66,24 @@ class ModelSpec:
     """Bias on the query/key/value projections (Qwen2)."""
     bos_token_id: int | None = None
     """Beginning-of-sequence token id, if the tokenizer has one."""
-    eos_token_id: int | None = None
-    """End-of-sequence token id."""
+    eos_token_id: int | tuple[int, ...] | None = None
+    """End-of-sequence token id, or several in the checkpoint's order (Llama-3-Instruct stops at
+    128001 and 128009). A list or a one-element tuple given here is normalised: several ids are kept
+    as a tuple (the spec stays hashable), a single id as an int. Use `eos_token_ids` to read it."""
     description: str = ""
     """One line shown by `nemo-adapt models`."""
     hf_extra: dict = field(default_factory=dict, compare=False, hash=False)
-    """Extra Hugging Face config keys written on export (sliding window, ...)."""
+    """Extra Hugging Face config.json keys written on export: settings nemo-adapt does not model but a
+    consumer of the export reads (sliding window when inactive, pad_token_id, initializer_range, ...)."""
+    hf_generation_extra: dict = field(default_factory=dict, compare=False, hash=False)
+    """Extra generation_config.json keys written on export (sampling defaults, pad_token_id, ...);
+    eos_token_id is always written from the spec."""
 
     def __post_init__(self):
+        # Frozen dataclass: normalise through object.__setattr__ (the only write, at construction).
+        object.__setattr__(self, "eos_token_id", _normalise_ids(self.name, "eos_token_id", self.eos_token_id))
+        if self.bos_token_id is not None and not _is_id(self.bos_token_id):
+            raise ValueError(f"model {self.name!r}: bos_token_id={self.bos_token_id!r} must be a token id (int >= 0)")
         positive = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                     "num_query_groups", "vocab_size", "max_position_embeddings")
         for key in positive:
@@ -92,6 +104,14 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: family={self.family!r}; allowed: llama, mistral, qwen2")
 
     @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id the checkpoint states, in its order (empty when it states none)."""
+        eos = self.eos_token_id
+        if eos is None:
+            return ()
+        return eos if isinstance(eos, tuple) else (eos,)
+
+    @property
     def kv_channels(self) -> int:
         """Per-head width (Megatron calls it kv_channels)."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
@@ -109,6 +129,100 @@ class ModelSpec:
     def replace(self, **changes) -> ModelSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _normalise_ids(name: str, key: str, value) -> int | tuple[int, ...] | None:
+    """One id as an int, several as a tuple without repeats (first occurrence kept), none as None."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    bad = [v for v in items if not _is_id(v)]
+    if bad:
+        raise ValueError(f"model {name!r}: {key}={value!r} must be a token id or a list of token ids (ints >= 0)")
+    ids = tuple(dict.fromkeys(items))
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "vocab_size", "kv_channels", "tie_word_embeddings", "qkv_bias")
+"""Fields that fix the tensors' names and shapes: a checkpoint that differs here is another model."""
+
+SETTING_FIELDS = ("max_position_embeddings", "rope_theta", "rope_scaling", "norm_eps", "bos_token_id",
+                  "eos_token_id")
+"""Fields a checkpoint states that do not change any tensor's shape. Every one of them changes what
+the model computes or when generation stops, so the checkpoint's value is used over a registered spec's."""
+
+
+class CheckpointSettingWarning(UserWarning):
+    """A checkpoint states a setting that differs from the registered architecture it is loaded as."""
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        # GGUF stores floats as float32: 1e-5 comes back as 9.9999997e-06 and is the same setting.
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def setting_differences(registered: ModelSpec, found: ModelSpec) -> list[tuple[str, object, object]]:
+    """The non-shape settings on which a checkpoint's spec differs from a registered one.
+
+    Args:
+        registered: the spec named by the user (`--model`, `model.name`).
+        found: the spec the checkpoint's own metadata describes.
+
+    Returns:
+        (field, checkpoint value, registered value) for each differing field of `SETTING_FIELDS`.
+        A bos/eos id the checkpoint does not state (None) is not a difference: the registered id is kept.
+    """
+    out = []
+    for key in SETTING_FIELDS:
+        ours, theirs = getattr(registered, key), getattr(found, key)
+        if key in ("bos_token_id", "eos_token_id") and theirs is None:
+            continue
+        if not _same(theirs, ours):
+            out.append((key, theirs, ours))
+    return out
+
+
+def adopt_checkpoint_settings(registered: ModelSpec, found: ModelSpec, source: str) -> ModelSpec:
+    """The registered spec with every setting the checkpoint states taken from the checkpoint.
+
+    The shapes must already have been checked equal. A registered spec is a family's published
+    defaults; the checkpoint in hand is what was trained (a long-context variant with another
+    rope_theta, an instruct model with extra stop ids), so its settings win. Each differing field is
+    named with both values in one `CheckpointSettingWarning`. Consumer-only keys (`hf_extra`,
+    `hf_generation_extra`) are merged, the checkpoint's winning on the same key.
+
+    Args:
+        registered: the spec named by the user; its name is kept.
+        found: the spec read from the checkpoint's metadata.
+        source: what the checkpoint is, for the warning ("checkpoint '/x/y'").
+
+    Returns:
+        The spec to build, train and export with.
+    """
+    diffs = setting_differences(registered, found)
+    if diffs:
+        what = "; ".join(f"{key}: checkpoint {_show(theirs)}, registered {_show(ours)}" for key, theirs, ours in diffs)
+        warnings.warn(
+            f"{source} states settings that differ from model {registered.name!r}: {what}. The checkpoint's "
+            f"values win (the model is built, trained, evaluated and exported with them)",
+            CheckpointSettingWarning, stacklevel=3)
+    changes = {key: theirs for key, theirs, _ in diffs}
+    return dataclasses.replace(registered, **changes, hf_extra={**registered.hf_extra, **found.hf_extra},
+                               hf_generation_extra={**registered.hf_generation_extra, **found.hf_generation_extra})
+
+
+def _show(value) -> str:
+    # Several eos ids are shown as the list a config file holds.
+    return str(list(value)) if isinstance(value, tuple) else repr(value)
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:

@@ -46,7 +46,7 @@ def main():
     if writer:
         save_file(logits, str(out / "logits.safetensors"))
     if args.generate:
-        eos = {spec.eos_token_id} if spec.eos_token_id is not None else set()
+        eos = set(spec.eos_token_ids)
         gen = generate(model, prompts, SamplingParams(max_new_tokens=args.generate), eos,
                        spec.vocab_size, spec.hidden_size)
         if torch.distributed.get_rank() == 0:
