@@ -228,7 +228,8 @@ def build_model(spec: ModelSpec, tensor: int = 1, pipeline: int = 1, pp_rank: in
         post_process=post,
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(spec.rope_theta),
+        # Megatron computes base ** (2i/d) in float: a fractional rope_theta must not be truncated.
+        rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else float(spec.rope_theta),
         rope_scaling=rope is not None,
         # Megatron's llama3 scaling hard-codes low/high factors 1 and 4 and 8192 original context,
         # which is what every Llama-3.1 checkpoint uses; other values are rejected in weights import.
