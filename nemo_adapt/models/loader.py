@@ -52,8 +52,18 @@ def resolve_path(checkpoint: str | os.PathLike) -> Path:
 def open_source(checkpoint: str | os.PathLike, model: str | ModelSpec | None = None) -> CheckpointSource:
     """Open a checkpoint and validate it against the requested architecture (if given).
 
+    Args:
+        checkpoint: an HF directory, a .gguf file, `embedded:...` or `random:...`.
+        model: a registered architecture (name or spec) the checkpoint must have the shapes of; the
+            settings the checkpoint states (rope, context, norm epsilon, bos/eos ids) are used over its
+            own, with a `CheckpointSettingWarning` naming each that differs. None: the checkpoint's own.
+
+    Returns:
+        The opened `CheckpointSource` (no weights read yet).
+
     Raises:
-        CheckpointError: missing/unreadable checkpoint, mismatched architecture or tensors.
+        CheckpointError: missing/unreadable checkpoint, mismatched architecture or tensors, a setting
+            the model cannot represent.
         KeyError: unknown registered architecture name.
     """
     from nemo_adapt.models import gguf_io, hf
