@@ -505,9 +505,23 @@ def write_metadata(directory: str | os.PathLike, spec: ModelSpec, shard_count: i
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written directory into place; an existing one is replaced only afterwards."""
+    """Move a fully written directory into place; an existing one is replaced only afterwards.
+
+    Its files and directories first get the modes the umask gives ordinary files (safetensors and
+    temporary directories are owner-only otherwise, unreadable to teammates on a shared cluster).
+
+    Args:
+        tmp: the finished directory.
+        final: where it goes.
+
+    Raises:
+        OSError: a mode cannot be set or a rename fails.
+    """
     import shutil
 
+    from nemo_adapt.file_modes import follow_umask
+
+    follow_umask(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -178,6 +178,8 @@ def save_checkpoint(run_dir: Path, chunks, optimizer, state: TrainState, trainab
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
+    from nemo_adapt.file_modes import follow_umask
+
     root = checkpoint_root(run_dir)
     name = f"{_PREFIX}{state.step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
@@ -198,6 +200,7 @@ def save_checkpoint(run_dir: Path, chunks, optimizer, state: TrainState, trainab
     if rank0:
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
+        follow_umask(tmp)  # safetensors writes owner-only files; a checkpoint gets the umask's modes
         os.replace(tmp, final)
         pointer_tmp = root / ".latest.tmp"
         pointer_tmp.write_text(name + "\n")
