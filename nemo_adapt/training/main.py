@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def preflight(cfg, world_size: int, target=None):
     Raises:
         ConfigError / CheckpointError / ParallelLayoutError: the first problem found, clearly named.
     """
+    from nemo_adapt.data.formats import data_path_problem
     from nemo_adapt.models.loader import open_source
     from nemo_adapt.training.preflight import Target, check_recipe
 
@@ -38,10 +40,9 @@ def preflight(cfg, world_size: int, target=None):
         path = getattr(cfg.data, key)
         if key == "train" and not path:
             raise ConfigError("data.train is empty; give a JSONL file of training examples")
-        if path and not Path(path).is_file():
-            raise ConfigError(f"data.{key}={path!r} does not exist (relative paths are from {os.getcwd()!r})")
-        if path and not os.access(path, os.R_OK):
-            raise ConfigError(f"data.{key}={path!r} is not readable")
+        problem = data_path_problem(path) if path else None
+        if problem is not None:
+            raise ConfigError(f"data.{key}={path!r} {problem} (relative paths are from {os.getcwd()!r})")
     source = open_source(cfg.model.checkpoint, cfg.model.name)
     check_recipe(cfg, source.spec, world_size, target or Target.here())
     return source
@@ -59,6 +60,7 @@ def _world_size() -> int:
 def run(recipe: str, overrides: list[str]) -> int:
     from nemo_adapt.config import config_to_dict, load_recipe, resolve_run_dir, save_resolved
     from nemo_adapt.data import build_datasets
+    from nemo_adapt.data.dataset import data_summary, print_data_report
     from nemo_adapt.data.formats import load_records
     from nemo_adapt.eval.runner import baseline_shots, evaluate_task, write_predictions
     from nemo_adapt.logging import RunLogger
@@ -70,7 +72,7 @@ def run(recipe: str, overrides: list[str]) -> int:
     from nemo_adapt.tokenizer import load_tokenizer
     from nemo_adapt.training import checkpoint as ckpt
     from nemo_adapt.training import engine
-    from nemo_adapt.training.signals import EXIT_REQUEUE, PreemptionHandler
+    from nemo_adapt.training.signals import EXIT_REQUEUE, PreemptionHandler, RunInterrupted
 
     # ---------------------------------------------------------------- setup
     cfg = load_recipe(recipe, overrides)
@@ -89,12 +91,23 @@ def run(recipe: str, overrides: list[str]) -> int:
     main_rank = info.rank == 0
 
     tokenizer = load_tokenizer(source.tokenizer_path)
-    # Rank 0 tokenizes and fills the cache; the others then read it (same fingerprint).
+    # Rank 0 tokenizes and fills the cache; the others then read it (same fingerprint). SIGTERM/SIGINT
+    # here end the run at once (nothing to checkpoint yet; the run directory does not exist yet).
+    try:
+        with preemption.interrupt_on_signal("data preparation"):
+            if main_rank:
+                print(f"preparing data: data.train={cfg.data.train!r}", flush=True)
+                data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
+            dist.barrier()
+            if not main_rank:
+                data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
+    except RunInterrupted as err:
+        print(f"nemo-adapt run: {err}", file=sys.stderr, flush=True)
+        preemption.restore()
+        runtime.shutdown()
+        return err.exit_code
     if main_rank:
-        data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
-    dist.barrier()
-    if not main_rank:
-        data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
+        print_data_report(data)  # stats per split, and a warning naming any skipped records
     seq = cfg.data.seq_length
 
     dtype = engine.resolve_dtype(cfg.train.precision)
@@ -152,6 +165,7 @@ def run(recipe: str, overrides: list[str]) -> int:
         logger.truncate_after(start_step)
         (run_dir / "data_fingerprint.json").write_text(json.dumps(
             {"fingerprint": data.fingerprint, "stats": data.stats}, indent=2, default=str) + "\n")
+        logger.update_summary(data_summary(data))
         if latest is not None:
             logger.event("resumed", step=start_step, checkpoint=latest.name, layout=layout)
 
@@ -214,11 +228,14 @@ def run(recipe: str, overrides: list[str]) -> int:
             d = cfg.data
             # The adapted model is asked the way it was trained; the baseline gets the records' own
             # instructions (they differ only with data.replace_system_prompt).
-            test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt)
+            test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt,
+                                max_record_bytes=d.max_record_bytes, key="data.test")
             results["adapted"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, label="adapted")
             if trainable_only and cfg.eval.baseline:
-                baseline_test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt)
-                train_records = load_records(d.train, d.format, "skip", d.system_prompt)
+                baseline_test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt,
+                                             max_record_bytes=d.max_record_bytes, warn=False)
+                train_records = load_records(d.train, d.format, "skip", d.system_prompt,
+                                             max_record_bytes=d.max_record_bytes, warn=False)
                 shots = baseline_shots(train_records, cfg.eval.baseline_few_shot, cfg.run.seed)
                 with adapters_disabled(module):
                     results["baseline"] = evaluate_task(module, tokenizer, spec, baseline_test, cfg.eval, shots,
