@@ -36,7 +36,7 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None) -> dict:
 
     from nemo_adapt.artifacts.adapter import CONFIG, WEIGHTS, read_adapter_config
     from nemo_adapt.config import load_resolved
-    from nemo_adapt.data.formats import load_records
+    from nemo_adapt.data.formats import data_path_problem, load_records
     from nemo_adapt.eval.runner import evaluate_task, write_predictions
     from nemo_adapt.models.builder import BuildOptions
     from nemo_adapt.models.loader import base_fingerprint, load_model, open_source
@@ -52,15 +52,17 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None) -> dict:
     cfg = load_resolved(config)
     if not cfg.data.test:
         raise ConfigError(f"{config}: data.test is not set; there is nothing to evaluate on")
-    if not Path(cfg.data.test).is_file():
-        raise ConfigError(f"{config}: data.test={cfg.data.test!r} does not exist")
+    problem = data_path_problem(cfg.data.test)
+    if problem is not None:
+        raise ConfigError(f"{config}: data.test={cfg.data.test!r} {problem}")
     adapter_dir = run_dir / "adapter"
     if cfg.peft.method == "none":
         raise ConfigError(f"{str(run_dir)!r} is a full fine-tuning run; `nemo-adapt eval` evaluates adapters")
     meta = read_adapter_config(adapter_dir)
     d = cfg.data
     # Asked the way the adapter was trained (data.replace_system_prompt swaps in the short prompt).
-    records = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt)
+    records = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt,
+                           max_record_bytes=d.max_record_bytes, key="data.test")
 
     runtime.initialize(runtime.ParallelLayout(), seed=cfg.run.seed)
     try:

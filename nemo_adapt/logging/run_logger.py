@@ -137,7 +137,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    with path.open(encoding="utf-8") as f:
+    # newline="\n": JSONL lines end at "\n" only; universal newlines would also split at a "\r".
+    with path.open(encoding="utf-8", newline="\n") as f:
         for line in f:
             record = _parse_line(line)
             if record is not None:
@@ -164,7 +165,7 @@ def truncate_metrics(path: str | Path, step: int) -> int:
         return 0
     kept: list[str] = []
     dropped = 0
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", newline="\n") as f:  # lines end at "\n" only, as in read_metrics
         for line in f:
             record = _parse_line(line)
             if record is not None and isinstance(record.get("step"), int) and record["step"] <= step:

@@ -53,6 +53,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from nemo_adapt.data.formats import iter_lines
+
 TEAMS = ("Ledger Ops", "Card Disputes", "KYC Review", "Fraud Response", "Platform Reliability", "Payouts Desk")
 """Allowed teams, in the order the instructions list them."""
 PRIORITIES = ("P1", "P2", "P3", "P4")
@@ -414,7 +416,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = {s: getattr(args, s) for s in SPLIT_SIZES}
     paths = write_splits(args.out, args.seed, sizes)
     for path in paths.values():
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        # JSONL lines end at "\n" only: the records are written with ensure_ascii=False, and a U+2028
+        # inside a string is a line break to str.splitlines.
+        with path.open("rb") as f:
+            records = [json.loads(line.data) for line in iter_lines(f) if line.data.strip()]
         d = distribution(records)
         top_pair, top_share = next(iter(d["pair"].items()))
         print(f"{path}: {len(records)} examples; priority {d['priority']}; "
