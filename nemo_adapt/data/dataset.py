@@ -257,6 +257,8 @@ def _tokenize_split(path: str, cfg: DataConfig, tokenizer) -> tuple[dict[str, np
         "dropped": dropped_over_length + dropped_no_answer,
         "dropped_over_length": dropped_over_length,
         "dropped_no_answer": dropped_no_answer,
+        # examples whose messages hold special-token text (e.g. "<|im_end|>"), trained as plain text
+        "special_token_text": sum(e.special_token_text for e in examples),
         "tokens": tokens,
         "answer_tokens": answer_tokens,
         "rows": len(rows),
@@ -354,7 +356,12 @@ def format_stats(name: str, stats: dict) -> str:
     return (f"{name}: {stats['examples']} examples -> {stats['kept']} kept ({stats['truncated']} truncated, "
             f"{dropped} dropped, {stats['skipped_total']} skipped{': ' + skipped if skipped else ''}) in "
             f"{stats['rows']} rows, {stats['tokens']:,} tokens ({stats['answer_tokens']:,} with loss), "
-            f"packing efficiency {100 * stats['packing_efficiency']:.1f}%{bom}")
+            f"packing efficiency {100 * stats['packing_efficiency']:.1f}%{bom}{_special_note(stats)}")
+
+
+def _special_note(stats: dict) -> str:
+    n = stats.get("special_token_text", 0)
+    return f"; {n} example(s) contain special-token text, encoded as plain text" if n else ""
 
 
 def split_skip_warning(name: str, stats: dict) -> str | None:

@@ -14,11 +14,19 @@ and each character boundary is mapped to a token index by tokenizing the text up
 comparing with the full tokenization. Working on the rendered strings keeps this correct for any
 template that renders a prefix of a chat as a prefix of the whole chat; one that does not (e.g. a
 template that drops earlier turns' reasoning) is reported instead of silently mis-masked.
+
+Text in data is text. A message whose content contains the text of a special token (`<|im_end|>`
+written in an answer) must not become that control token: the chat template writes the real
+control tokens, the data only characters. Such chats are encoded piece by piece — the template's
+special tokens as ids, everything between them with `split_special_tokens=True` — which for every
+other chat gives exactly the ids of the plain tokenization (the tokenizer splits at special tokens
+first anyway), and the examples are counted (`special_token_text`) in the split's stats.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,10 +40,12 @@ class TokenizedExample:
     Attributes:
         input_ids: the token ids of the whole rendered chat.
         answer_mask: 1 for tokens of an assistant answer (content and its end-of-turn token), else 0.
+        special_token_text: the chat's messages contain special-token text, encoded as plain text.
     """
 
     input_ids: list[int]
     answer_mask: list[int]
+    special_token_text: bool = False
 
 
 def pad_token_id(tokenizer) -> int:
@@ -56,16 +66,59 @@ def pad_token_id(tokenizer) -> int:
     raise DataError("the tokenizer has no pad or eos token to pad rows with")
 
 
-def end_of_turn_text(tokenizer) -> str | None:
-    """The text of the token that closes an assistant turn (the eos token, `<|im_end|>` for SmolLM2).
+# Stands in for an answer when rendering a probe chat: letters and digits only, so templates that
+# trim or otherwise touch the content leave it as it is.
+_PROBE = "NemoAdaptProbeAnswer7Q"
+
+
+def special_token_texts(tokenizer) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens (those the tokenizer splits text at), longest first.
 
     Args:
         tokenizer: a `transformers` tokenizer.
 
     Returns:
-        The token's text, or None when the tokenizer has no eos token.
+        The special tokens' strings; longest first, so a regex alternation prefers the longest match.
     """
+    texts = {str(t) for t in getattr(tokenizer, "all_special_tokens", ()) or ()}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    return tuple(sorted((t for t in texts if t), key=lambda t: (-len(t), t)))
+
+
+def end_of_turn_text(tokenizer) -> str | None:
+    """The text of the token that closes an assistant turn in the chat template.
+
+    This is the first special token the template writes after an answer (`<|im_end|>` for ChatML
+    templates such as SmolLM2's and Qwen2.5's, `<|eot_id|>` for Llama-3's), found by rendering a
+    one-turn probe chat. It is often not the tokenizer's eos token: Qwen2.5 base models declare
+    `<|endoftext|>` as eos while their turns end with `<|im_end|>`, and training up to the eos
+    token would teach the model to run past the end of its turn. Without a chat template, or when
+    the template writes no special token after an answer, the eos token is the end of a turn.
+
+    Args:
+        tokenizer: a `transformers` tokenizer.
+
+    Returns:
+        The token's text, or None when there is neither an end-of-turn token nor an eos token.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = _render(tokenizer, [{"role": "user", "content": "Hi"},
+                                       {"role": "assistant", "content": _PROBE}], add_generation_prompt=False)
+        except Exception:  # a template that refuses the probe: fall back to eos
+            text = ""
+        at = text.rfind(_PROBE)
+        specials = special_token_texts(tokenizer)
+        if at >= 0 and specials:
+            found = _special_pattern(specials).search(text, at + len(_PROBE))
+            if found:
+                return found.group(0)
     return tokenizer.eos_token or None
+
+
+def _special_pattern(specials: Sequence[str]) -> re.Pattern:
+    return re.compile("|".join(re.escape(t) for t in specials))
 
 
 def _render(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -77,6 +130,110 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     # add_special_tokens=False: the template already wrote every special token it wants (this is
     # what apply_chat_template(tokenize=True) does too, so the ids match).
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+class _Encoder:
+    """One tokenizer's facts needed to encode chats, computed once per batch of records."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.specials = special_token_texts(tokenizer)
+        self.pattern = _special_pattern(self.specials) if self.specials else None
+        self._eot: list[str | None] = []
+
+    @property
+    def eot(self) -> str | None:
+        if not self._eot:
+            self._eot.append(end_of_turn_text(self.tokenizer))
+        return self._eot[0]
+
+    def pieces(self, text: str, protected: Sequence[tuple[int, int]]) -> list[int]:
+        """Ids of `text` where special-token text inside `protected` character ranges stays text.
+
+        The template's special tokens (every match outside the ranges) become their ids; the text
+        between them is encoded with `split_special_tokens=True`.
+        """
+        tok, ids, pos = self.tokenizer, [], 0
+
+        def plain(piece: str) -> None:
+            if piece:
+                ids.extend(tok(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+        for m in self.pattern.finditer(text):
+            if any(a <= m.start() < b for a, b in protected):
+                continue  # data, not a control token
+            plain(text[pos:m.start()])
+            ids.append(tok.convert_tokens_to_ids(m.group(0)))
+            pos = m.end()
+        plain(text[pos:])
+        return ids
+
+    def locate_text(self, messages: Sequence[dict[str, str]], full: str, add_generation_prompt: bool,
+                    where: str) -> list[tuple[int, int]]:
+        """Character ranges in `full` of the messages whose content holds special-token text.
+
+        The chat is rendered again with each such content replaced by a placeholder; putting the
+        contents back must give `full` exactly (or with the contents stripped, for templates that
+        trim), which proves where the data's text is.
+
+        Raises:
+            DataError: the template changes such a message's text, or the tokenizer cannot encode
+                the chat piece by piece as it encodes it whole, so the text cannot be kept as text.
+        """
+        if self.pattern is None:
+            return []
+        flagged = [i for i, m in enumerate(messages) if self.pattern.search(m["content"])]
+        if not flagged:
+            return []
+        tags = {i: f"NemoAdaptText{i}Q" for i in flagged}
+        probe = [dict(m, content=tags[i]) if i in tags else dict(m) for i, m in enumerate(messages)]
+        rendered = _render(self.tokenizer, probe, add_generation_prompt)
+        first = self.pattern.search(messages[flagged[0]]["content"]).group(0)
+        for strip in (False, True):
+            parts: list[str] = []
+            ranges: list[tuple[int, int]] = []
+            pos, length = 0, 0
+            for i in flagged:
+                at = rendered.find(tags[i], pos)
+                if at < 0 or rendered.count(tags[i]) != 1:
+                    break
+                content = messages[i]["content"].strip() if strip else messages[i]["content"]
+                parts += [rendered[pos:at], content]
+                length += at - pos
+                ranges.append((length, length + len(content)))
+                length += len(content)
+                pos = at + len(tags[i])
+            else:
+                if "".join(parts) + rendered[pos:] == full:
+                    break
+        else:
+            raise DataError(f"{where}: messages[{flagged[0]}] contains the special-token text {first!r}, and the "
+                            f"chat template changes message text, so it cannot be kept as plain text; "
+                            f"remove or rewrite it in the data")
+        if self.pieces(full, []) != _encode(self.tokenizer, [full])[0]:
+            raise DataError(f"{where}: messages[{flagged[0]}] contains the special-token text {first!r}, and this "
+                            f"tokenizer does not encode a chat piece by piece as it encodes it whole, so it "
+                            f"cannot be kept as plain text; remove or rewrite it in the data")
+        return ranges
+
+    def encode(self, texts: list[str], protected: Sequence[tuple[int, int]]) -> list[list[int]]:
+        """Ids of each text (prefixes of one rendered chat), keeping `protected` ranges as text."""
+        if not protected:
+            return _encode(self.tokenizer, texts)
+        return [self.pieces(t, [(a, min(b, len(t))) for a, b in protected if a < len(t)]) for t in texts]
+
+
+@dataclass
+class _Plan:
+    """One rendered chat: its text, the answer spans and the ranges of special-token text in it."""
+
+    full: str
+    spans: list[tuple[int, int]]
+    protected: list[tuple[int, int]]
+
+    def texts(self) -> list[str]:
+        """What to tokenize: the whole text, then the text up to each span boundary."""
+        return [self.full] + [self.full[:c] for span in self.spans for c in span]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -101,12 +258,13 @@ def _boundary(prefix_ids: list[int], full_ids: list[int], inclusive_end: bool) -
     return min(k + 1, len(full_ids)) if inclusive_end else k
 
 
-def _answer_spans(tokenizer, messages: Sequence[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character span of each assistant answer in it."""
+def _plan(enc: _Encoder, messages: Sequence[dict[str, str]], where: str) -> _Plan:
+    """Render a chat and find the character span of each assistant answer in it."""
+    tokenizer = enc.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; chat training data needs one")
     full = _render(tokenizer, messages, add_generation_prompt=False)
-    eot = end_of_turn_text(tokenizer)
+    eot = enc.eot
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -118,28 +276,23 @@ def _answer_spans(tokenizer, messages: Sequence[dict[str, str]], where: str) -> 
                             f"prefix of the whole chat, so the answer tokens cannot be located")
         start, end = len(before), len(through)
         # Stop right after the end-of-turn token: the newline a template writes after it is layout,
-        # not something the model should be trained to emit (generation stops at eos anyway).
+        # not something the model should be trained to emit (generation stops there anyway).
         if eot:
             cut = full.rfind(eot, start, end)
             if cut >= 0:
                 end = cut + len(eot)
         spans.append((start, end))
-    return full, spans
+    return _Plan(full, spans, enc.locate_text(messages, full, False, where))
 
 
-def _texts(full: str, spans: list[tuple[int, int]]) -> list[str]:
-    """What to tokenize for one chat: the whole text, then the text up to each span boundary."""
-    return [full] + [full[:c] for span in spans for c in span]
-
-
-def _mask(encoded: list[list[int]], n_spans: int) -> TokenizedExample:
+def _mask(encoded: list[list[int]], plan: _Plan) -> TokenizedExample:
     full_ids = encoded[0]
     mask = [0] * len(full_ids)
-    for j in range(n_spans):
+    for j in range(len(plan.spans)):
         s = _boundary(encoded[1 + 2 * j], full_ids, inclusive_end=False)
         e = _boundary(encoded[2 + 2 * j], full_ids, inclusive_end=True)
         mask[s:e] = [1] * (e - s)
-    return TokenizedExample(input_ids=full_ids, answer_mask=mask)
+    return TokenizedExample(input_ids=full_ids, answer_mask=mask, special_token_text=bool(plan.protected))
 
 
 def tokenize_chat(tokenizer, messages: Sequence[dict[str, str]], where: str = "a chat") -> TokenizedExample:
@@ -151,15 +304,39 @@ def tokenize_chat(tokenizer, messages: Sequence[dict[str, str]], where: str = "a
         where: the record's location (`file:line`) for error messages.
 
     Returns:
-        The token ids (the same as `apply_chat_template(messages, tokenize=True)`) and the answer
-        mask (every assistant turn, each with its end-of-turn token).
+        The token ids (the same as `apply_chat_template(messages, tokenize=True)` unless a message
+        holds special-token text, which is encoded as text) and the answer mask (every assistant
+        turn, each with the template's end-of-turn token).
 
     Raises:
-        DataError: the tokenizer has no chat template, or the template does not render a chat's
-            prefix as a prefix of the chat (answer spans cannot be located).
+        DataError: the tokenizer has no chat template, the template does not render a chat's
+            prefix as a prefix of the chat (answer spans cannot be located), or special-token text
+            in a message cannot be kept as text.
     """
-    full, spans = _answer_spans(tokenizer, messages, where)
-    return _mask(_encode(tokenizer, _texts(full, spans)), len(spans))
+    enc = _Encoder(tokenizer)
+    plan = _plan(enc, messages, where)
+    return _mask(enc.encode(plan.texts(), plan.protected), plan)
+
+
+def encode_prompt(tokenizer, messages: Sequence[dict[str, str]], where: str = "a prompt") -> list[int]:
+    """Token ids of a chat prompt with the generation prompt added, as evaluation and generation use it.
+
+    Special-token text inside a message is encoded as text, as in training (see the module doc).
+
+    Args:
+        tokenizer: a `transformers` tokenizer with a chat template.
+        messages: the chat so far (`role`/`content` dicts).
+        where: the prompt's location for error messages.
+
+    Returns:
+        The ids of `apply_chat_template(messages, add_generation_prompt=True)`.
+
+    Raises:
+        DataError: special-token text in a message cannot be kept as text (see `tokenize_chat`).
+    """
+    enc = _Encoder(tokenizer)
+    full = _render(tokenizer, list(messages), add_generation_prompt=True)
+    return enc.encode([full], enc.locate_text(list(messages), full, True, where))[0]
 
 
 def tokenize_records(tokenizer, records: Sequence[Record], system_prompt: str | None,
@@ -179,18 +356,22 @@ def tokenize_records(tokenizer, records: Sequence[Record], system_prompt: str | 
     Raises:
         DataError: as `tokenize_chat`.
     """
+    enc = _Encoder(tokenizer)
     out: list[TokenizedExample] = []
     for lo in range(0, len(records), chunk):
         plans = []
         for r in records[lo:lo + chunk]:
             rec = r.with_system_prompt(system_prompt, replace_system_prompt)
-            plans.append(_answer_spans(tokenizer, rec.messages, where=f"{r.path}:{r.line}"))
-        texts = [t for full, spans in plans for t in _texts(full, spans)]
-        encoded = _encode(tokenizer, texts)
+            plans.append(_plan(enc, rec.messages, where=f"{r.path}:{r.line}"))
+        # One batch call for the plain chats; chats holding special-token text go piece by piece.
+        plain = _encode(tokenizer, [t for p in plans if not p.protected for t in p.texts()])
         at = 0
-        for _, spans in plans:
-            n = 1 + 2 * len(spans)
-            out.append(_mask(encoded[at:at + n], len(spans)))
+        for plan in plans:
+            if plan.protected:
+                out.append(_mask(enc.encode(plan.texts(), plan.protected), plan))
+                continue
+            n = 1 + 2 * len(plan.spans)
+            out.append(_mask(plain[at:at + n], plan))
             at += n
     return out
 

@@ -29,6 +29,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch.distributed as dist
 
+    from nemo_adapt.data.tokenize import encode_prompt
     from nemo_adapt.errors import ConfigError
     from nemo_adapt.generation.generate import SamplingParams, generate, stop_token_ids
     from nemo_adapt.models.loader import load_model, open_source
@@ -53,8 +54,7 @@ def run(args) -> int:
         else:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": text})
-            enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-            ids.append(list(enc["input_ids"]))
+            ids.append(encode_prompt(tok, messages))
 
     runtime.initialize(runtime.ParallelLayout(tensor=args.tensor_parallel, pipeline=args.pipeline_parallel),
                        seed=args.seed)
