@@ -235,11 +235,18 @@ class CheckpointConfig:
     """`auto`: resume from the run directory's latest complete checkpoint if any; `never`: refuse a used run directory."""
     save_on_signal: bool = True
     """On SIGTERM/SIGUSR1 (Slurm preemption, time limit) save a checkpoint at the next step boundary and stop."""
+    resume_changes: list[str] = field(default_factory=list)
+    """Settings a resume may change from the checkpoint's, e.g. `[run.max_steps]`, `[train.global_batch_size]`,
+    a section (`optim`, `peft`) or `data` (changed training data); any other change is refused."""
 
     def __post_init__(self):
         check_positive("checkpoint.save_interval", self.save_interval, allow_zero=True)
         check_positive("checkpoint.keep_last", self.keep_last)
         check_choice("checkpoint.resume", self.resume, ("auto", "never"))
+        if not isinstance(self.resume_changes, list) or not all(
+                isinstance(k, str) and k.strip() for k in self.resume_changes):
+            raise ConfigError(f"checkpoint.resume_changes={self.resume_changes!r} must be a list of setting names, "
+                              "e.g. [run.max_steps]")
 
 
 @dataclass

@@ -37,7 +37,7 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None) -> dict:
     from nemo_adapt.artifacts.adapter import CONFIG, WEIGHTS, read_adapter_config
     from nemo_adapt.config import load_resolved
     from nemo_adapt.data.formats import data_path_problem, load_records
-    from nemo_adapt.eval.runner import evaluate_task, write_predictions
+    from nemo_adapt.eval.runner import describe_fit, evaluate_task, write_predictions
     from nemo_adapt.models.builder import BuildOptions
     from nemo_adapt.models.loader import base_fingerprint, load_model, open_source
     from nemo_adapt.parallel import runtime
@@ -91,7 +91,11 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None) -> dict:
         if used != set(tensors):
             raise CheckpointError(f"{adapter_dir / WEIGHTS}: tensors not in the model: {sorted(set(tensors) - used)[:3]}")
         eval_cfg = dataclasses.replace(cfg.eval, max_examples=max_examples or cfg.eval.max_examples)
-        result = evaluate_task(model, tokenizer, source.spec, records, eval_cfg, label="adapted")
+        result = evaluate_task(model, tokenizer, source.spec, records, eval_cfg, label="adapted",
+                               over_length=cfg.data.over_length)
+        line = describe_fit(result["over_length"])
+        if line:
+            print(line, flush=True)
     finally:
         runtime.shutdown()
     result = write_predictions(result, run_dir / "predictions_eval.jsonl")

@@ -10,18 +10,87 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nemo_adapt.config.schema import EvalConfig
+from nemo_adapt.data.tokenize import encode_prompt
+from nemo_adapt.errors import ConfigError
 from nemo_adapt.eval.task import baseline_messages, exact_match, few_shot_messages
 from nemo_adapt.generation.generate import SamplingParams, generate, stop_token_ids
+from nemo_adapt.models.builder import model_chunks
+from nemo_adapt.peft.virtual_tokens import virtual_token_count
 
 
-def _prompt_ids(tokenizer, messages) -> list[int]:
-    enc = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)
-    return list(enc["input_ids"])
+def test_prompts(tokenizer, records: Sequence, shots: Sequence[dict] = ()) -> list[list[int]]:
+    """Token ids of each record's prompt (after the few-shot `shots`), with the generation prompt.
+
+    Raises:
+        DataError: a prompt's special-token text cannot be kept as text (names the record's file:line).
+    """
+    return [encode_prompt(tokenizer, baseline_messages(shots, r.prompt) if shots else r.prompt, f"{r.path}:{r.line}")
+            for r in records]
+
+
+def prompt_budget(context: int, max_new_tokens: int, virtual_tokens: int = 0) -> int:
+    """Longest prompt that fits: the model's context minus the generation budget and any virtual tokens.
+
+    Raises:
+        ConfigError: nothing fits (names eval.max_new_tokens and the context).
+    """
+    budget = context - max_new_tokens - virtual_tokens
+    if budget < 1:
+        extra = f" + {virtual_tokens} virtual tokens" if virtual_tokens else ""
+        raise ConfigError(f"eval.max_new_tokens={max_new_tokens}{extra} leaves no room for a prompt in the model's "
+                          f"context of {context} tokens; lower eval.max_new_tokens")
+    return budget
+
+
+def fit_prompts(prompts: list[list[int]], records: Sequence, budget: int, policy: str,
+                split: str = "data.test") -> tuple[list[int], list[list[int]], dict]:
+    """Apply the over-length policy of training (`data.over_length`) to evaluation prompts.
+
+    `drop` leaves over-long records out; `truncate` keeps the last `budget` tokens of the prompt
+    (its end holds the question and the generation prompt the answer follows; cutting the end as
+    training does would leave nothing to answer). Either is counted and named (file:line).
+
+    Args:
+        prompts: token ids per record.
+        records: the records (for `path`/`line`).
+        budget: longest prompt that fits (`prompt_budget`).
+        policy: `truncate` or `drop`.
+        split: the config key of the file, for messages.
+
+    Returns:
+        (indices of kept records, their prompts, report {"budget", "policy", "truncated", "dropped",
+        "over_length": ["file:line (n tokens)", ... up to 5], "longest"}).
+
+    Raises:
+        ConfigError: no prompt fits and the policy drops them all.
+    """
+    over = [i for i, p in enumerate(prompts) if len(p) > budget]
+    named = [f"{records[i].path}:{records[i].line} ({len(prompts[i])} tokens)" for i in over[:5]]
+    report = {"budget": budget, "policy": policy, "truncated": len(over) if policy == "truncate" else 0,
+              "dropped": len(over) if policy == "drop" else 0, "over_length": named,
+              "longest": max((len(p) for p in prompts), default=0)}
+    if policy == "truncate":
+        return list(range(len(prompts))), [p[-budget:] if len(p) > budget else p for p in prompts], report
+    keep = [i for i in range(len(prompts)) if len(prompts[i]) <= budget]
+    if prompts and not keep:
+        raise ConfigError(f"no prompt of {split} fits the model: every one is longer than {budget} tokens (the context "
+                          f"minus eval.max_new_tokens), e.g. {named[0]}; data.over_length=drop leaves none to evaluate")
+    return keep, [prompts[i] for i in keep], report
+
+
+def describe_fit(report: dict, split: str = "data.test") -> str | None:
+    """One warning line for prompts the policy changed, or None when all fit."""
+    n = report["truncated"] or report["dropped"]
+    if not n:
+        return None
+    what = "truncated to their last" if report["truncated"] else "dropped as longer than"
+    more = f" and {n - len(report['over_length'])} more" if n > len(report["over_length"]) else ""
+    return (f"warning: {n} prompt(s) of {split} {what} {report['budget']} tokens (model context minus "
+            f"eval.max_new_tokens; data.over_length={report['policy']}): {', '.join(report['over_length'])}{more}")
 
 
 def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, shots: Sequence[dict] = (),
-                  label: str = "model") -> dict:
+                  label: str = "model", over_length: str = "truncate") -> dict:
     """Generate greedily for each record's prompt and compare with its reference answer.
 
     Args:
@@ -32,15 +101,21 @@ def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, sh
         cfg: evaluation settings.
         shots: few-shot chat turns placed before each prompt (the baseline's examples).
         label: name used in the result.
+        over_length: what to do with a prompt longer than the context minus the generation budget
+            (`fit_prompts`): the recipe's `data.over_length`.
 
     Returns:
         {"label", "exact_match", "correct", "n", "seconds", "examples_per_s", "prompt_tokens_mean",
+         "over_length": the `fit_prompts` report,
          "samples": first 20 (prompt tail, prediction, reference, correct),
          "predictions": every record's (file line, prediction, reference, correct), for
          `write_predictions`}.
     """
     records = list(records)[: cfg.max_examples] if cfg.max_examples else list(records)
-    prompts = [_prompt_ids(tokenizer, baseline_messages(shots, r.prompt) if shots else r.prompt) for r in records]
+    budget = prompt_budget(spec.max_position_embeddings, cfg.max_new_tokens,
+                           virtual_token_count(model_chunks(model)[0]))
+    keep, prompts, fit = fit_prompts(test_prompts(tokenizer, records, shots), records, budget, over_length)
+    records = [records[i] for i in keep]
     eos = stop_token_ids(spec, tokenizer)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     start = time.perf_counter()
@@ -65,6 +140,7 @@ def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, sh
         "seconds": round(seconds, 2),
         "examples_per_s": round(n / seconds, 3) if seconds else None,
         "prompt_tokens_mean": round(sum(len(p) for p in prompts) / max(n, 1), 1),
+        "over_length": fit,
         "samples": [
             {"prompt": r.prompt[-1]["content"][-200:], "prediction": p, "reference": r.answer, "correct": c}
             for r, p, c in list(zip(records, predictions, correct))[:20]
@@ -91,5 +167,13 @@ def write_predictions(result: dict, path) -> dict:
 
 
 def baseline_shots(train_records: Sequence, k: int, seed: int) -> list[dict]:
-    """Few-shot turns for the prompt-only baseline (empty when k == 0)."""
-    return few_shot_messages(list(train_records), k, seed) if k else []
+    """Few-shot turns for the prompt-only baseline (empty when k == 0).
+
+    Raises:
+        ConfigError: k is more than the training records there are to draw from.
+    """
+    train_records = list(train_records)
+    if k > len(train_records):
+        raise ConfigError(f"eval.baseline_few_shot={k} asks for more worked examples than the {len(train_records)} "
+                          f"valid training records; lower it")
+    return few_shot_messages(train_records, k, seed) if k else []

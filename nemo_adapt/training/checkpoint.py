@@ -42,9 +42,9 @@ class TrainState:
     step: int
     """Optimizer steps completed."""
     consumed_samples: int
-    """Training rows consumed (step x global batch size)."""
+    """Training rows consumed: the data position (the sum of each step's global batch size)."""
     epoch: int
-    """Epoch of the next step."""
+    """Epoch of the next sample (consumed_samples // rows)."""
     tokens_seen: int
     """Non-padding training tokens processed so far."""
     layout: dict
@@ -57,6 +57,10 @@ class TrainState:
     """Fingerprint of the base weights."""
     seed: int
     """Run seed."""
+    schedule: dict | None = None
+    """The resolved learning-rate schedule: {"total_steps", "optim"} (see `training.resume`)."""
+    settings: dict | None = None
+    """The recipe settings a resume compares (see `training.resume.resume_settings`)."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:

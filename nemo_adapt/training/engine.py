@@ -179,37 +179,91 @@ class BatchPlan:
 class StepData:
     """Rows of the training set in the order they are consumed: epoch permutations laid end to end.
 
-    Step k uses positions [k * G, (k + 1) * G) of that stream (G = global batch size); within it,
-    data-parallel rank d takes its contiguous share. An epoch holds floor(N / G) steps (the
-    remainder rows of an epoch are skipped), so the position of step k never depends on how the
-    run was interrupted: resuming at step k needs only k.
+    The data position is a count of consumed samples, not a step number: a step with global batch
+    size G reads positions [c, c + G) of the stream, where c is the samples consumed before it, and
+    data-parallel rank d takes its contiguous share. Position p is row `order(p // N)[p % N]` of an
+    N-row split, so a step may run from the end of one epoch into the next and no row is ever
+    skipped (an epoch is N samples, whatever G is). Resuming needs only the consumed count, which
+    stays right when a resumed run uses another global batch size.
     """
 
     def __init__(self, dataset, plan: BatchPlan, seed: int):
         self.dataset = dataset
         self.plan = plan
         self.seed = seed
-        self.steps_per_epoch = len(dataset) // plan.global_batch_size
-        if self.steps_per_epoch == 0:
+        self.rows = len(dataset)
+        if self.rows < plan.global_batch_size:
             raise ConfigError(
-                f"the training split has {len(dataset)} rows, fewer than train.global_batch_size="
+                f"the training split has {self.rows} rows, fewer than train.global_batch_size="
                 f"{plan.global_batch_size}; lower the global batch size or add data"
             )
         self._orders: dict[int, list[int]] = {}
 
+    @property
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps per pass over the rows (N / G; a step may straddle two epochs)."""
+        return self.rows / self.plan.global_batch_size
+
+    def steps_for_epochs(self, max_epochs: float, consumed: int = 0) -> int:
+        """Steps still needed to read max_epochs x N samples after `consumed`: ceil((target - consumed) / G).
+
+        Rounding up means no row of the last pass is left out (the final step may start the next pass).
+        A fresh run gets at least one step.
+        """
+        target = math.ceil(max_epochs * self.rows - 1e-9)
+        steps = math.ceil(max(0, target - consumed) / self.plan.global_batch_size)
+        return steps if consumed else max(1, steps)
+
+    def epoch_of(self, consumed: int) -> int:
+        """The epoch the next sample after `consumed` samples belongs to."""
+        return consumed // self.rows
+
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            self._orders = {epoch: self.dataset.epoch_order(epoch, self.seed)}
+            # A step straddles at most two epochs: keep the previous order beside the new one.
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = self.dataset.epoch_order(epoch, self.seed)
         return self._orders[epoch]
 
-    def microbatches(self, step: int, dp_rank: int) -> list[dict]:
-        """This rank's micro-batches (collated dicts of [mbs, s] tensors) for optimizer step `step`."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        g, per_rank = self.plan.global_batch_size, self.plan.global_batch_size // self.plan.data_parallel
-        start = k * g + dp_rank * per_rank
-        rows = self._order(epoch)[start:start + per_rank]
+    def row_at(self, position: int) -> int:
+        """The row index at stream position `position` (0-based sample count)."""
+        epoch, i = divmod(position, self.rows)
+        return self._order(epoch)[i]
+
+    def microbatches(self, consumed: int, dp_rank: int) -> list[dict]:
+        """This rank's micro-batches (collated dicts of [mbs, s] tensors) for the step after `consumed` samples."""
+        per_rank = self.plan.global_batch_size // self.plan.data_parallel
+        start = consumed + dp_rank * per_rank
+        rows = [self.row_at(p) for p in range(start, start + per_rank)]
         mbs = self.plan.micro_batch_size
         return [self.dataset.collate([self.dataset[i] for i in rows[j:j + mbs]]) for j in range(0, per_rank, mbs)]
+
+    def coverage(self, consumed: int, total: int) -> dict:
+        """What a run reading stream positions [consumed, total) sees, for the run's report.
+
+        Whole epochs in the range add one visit to every row; only the partial epochs at either end
+        need their orders, so this costs O(N) however long the run.
+
+        Returns:
+            {"rows", "samples" (to read), "epochs" (samples / rows), "rows_seen" (distinct rows read),
+             "rows_unseen", "min_times_seen", "max_times_seen"}.
+        """
+        import numpy as np
+
+        n, samples = self.rows, max(0, total - consumed)
+        counts = np.zeros(n, dtype=np.int64)
+        pos = consumed
+        while pos < total:
+            epoch, i = divmod(pos, n)
+            j = min(n, i + total - pos)
+            if i == 0 and j == n:
+                counts += 1
+            else:
+                counts[np.asarray(self._order(epoch)[i:j], dtype=np.int64)] += 1
+            pos += j - i
+        seen = int((counts > 0).sum())
+        return {"rows": n, "samples": samples, "epochs": round(samples / n, 4), "rows_seen": seen,
+                "rows_unseen": n - seen, "min_times_seen": int(counts.min()), "max_times_seen": int(counts.max())}
 
 
 def uses_thd_packing(model) -> bool:

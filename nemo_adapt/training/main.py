@@ -34,7 +34,7 @@ def preflight(cfg, world_size: int, target=None):
     """
     from nemo_adapt.data.formats import data_path_problem
     from nemo_adapt.models.loader import open_source
-    from nemo_adapt.training.preflight import Target, check_recipe
+    from nemo_adapt.training.preflight import Target, check_recipe, check_test_split
 
     for key in ("train", "validation", "test"):
         path = getattr(cfg.data, key)
@@ -45,6 +45,9 @@ def preflight(cfg, world_size: int, target=None):
             raise ConfigError(f"data.{key}={path!r} {problem} (relative paths are from {os.getcwd()!r})")
     source = open_source(cfg.model.checkpoint, cfg.model.name)
     check_recipe(cfg, source.spec, world_size, target or Target.here())
+    # The test split and evaluation settings too: a bad or over-long test record is named now,
+    # not after training.
+    check_test_split(cfg, source, announce=int(os.environ.get("RANK", "0")) == 0)
     return source
 
 
@@ -71,7 +74,7 @@ def run(recipe: str, overrides: list[str]) -> int:
     from nemo_adapt.peft.virtual_tokens import unwrap
     from nemo_adapt.tokenizer import load_tokenizer
     from nemo_adapt.training import checkpoint as ckpt
-    from nemo_adapt.training import engine
+    from nemo_adapt.training import engine, resume
     from nemo_adapt.training.signals import EXIT_REQUEUE, PreemptionHandler, RunInterrupted
 
     # ---------------------------------------------------------------- setup
@@ -82,6 +85,11 @@ def run(recipe: str, overrides: list[str]) -> int:
     if latest is not None and cfg.checkpoint.resume == "never":
         raise ConfigError(f"run directory {str(run_dir)!r} already holds checkpoint {latest.name} and "
                           "checkpoint.resume=never; choose another run.name or set checkpoint.resume=auto")
+    state = ckpt.read_state(latest) if latest is not None else None
+    settings, accepted = resume.resume_settings(cfg), []
+    if state is not None:
+        # Before any expensive work: a resume that would silently change the run is refused here.
+        accepted = resume.check_settings(state.settings, settings, cfg.checkpoint.resume_changes, str(latest))
     preemption = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
 
     p = cfg.parallel
@@ -128,7 +136,9 @@ def run(recipe: str, overrides: list[str]) -> int:
 
     plan = engine.BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, info.data_parallel)
     steps = engine.StepData(data.train, plan, cfg.run.seed)
-    total_steps = cfg.run.max_steps or max(1, int(cfg.run.max_epochs * steps.steps_per_epoch))
+    # The data position is a sample count: it stays exact if the global batch size changed.
+    start_step, consumed = (state.step, state.consumed_samples) if state else (0, 0)
+    total_steps = cfg.run.max_steps or start_step + steps.steps_for_epochs(cfg.run.max_epochs, consumed)
     if data.validation is not None and len(data.validation) < plan.global_batch_size:
         raise ConfigError(f"the validation split has {len(data.validation)} rows, fewer than "
                           f"train.global_batch_size={plan.global_batch_size}")
@@ -137,19 +147,25 @@ def run(recipe: str, overrides: list[str]) -> int:
     layout = {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
               "context": p.context, "data": info.data_parallel}
 
-    start_step, tokens_seen = 0, 0
-    if latest is not None:
-        state = ckpt.read_state(latest)
+    tokens_seen = 0
+    if state is not None:
         if state.base_model_fingerprint != fingerprint:
             raise ConfigError(f"checkpoint {str(latest)!r} was trained on base model {state.base_model_fingerprint}, "
                               f"but model.checkpoint is {fingerprint}")
         if state.peft_method != cfg.peft.method:
             raise ConfigError(f"checkpoint {str(latest)!r} was trained with peft.method={state.peft_method!r}, "
                               f"the recipe now says {cfg.peft.method!r}")
+        new_data = data.fingerprint["combined"]
+        if state.data_fingerprint != new_data:
+            accepted += resume.check_settings(None, settings, cfg.checkpoint.resume_changes, str(latest),
+                                              data_changed=(state.data_fingerprint, new_data))
         ckpt.load_checkpoint(latest, ddp, optimizer, trainable_only, same_layout=state.layout == layout)
-        start_step, tokens_seen = state.step, state.tokens_seen
-        if state.data_fingerprint != data.fingerprint["combined"] and main_rank:
-            print(f"warning: training data changed since checkpoint {latest.name}", flush=True)
+        tokens_seen = state.tokens_seen
+        if accepted and main_rank:
+            print(_describe_changes(accepted, state, cfg, start_step, total_steps), flush=True)
+    coverage = steps.coverage(consumed, consumed + (total_steps - start_step) * plan.global_batch_size)
+    if main_rank:
+        print(_describe_coverage(coverage, total_steps - start_step, plan.global_batch_size), flush=True)
 
     # Only now, with data, model and any checkpoint validated, does the run directory come to exist:
     # a bad input leaves nothing behind (and never touches an existing run's checkpoints).
@@ -167,13 +183,18 @@ def run(recipe: str, overrides: list[str]) -> int:
             {"fingerprint": data.fingerprint, "stats": data.stats}, indent=2, default=str) + "\n")
         logger.update_summary(data_summary(data))
         if latest is not None:
-            logger.event("resumed", step=start_step, checkpoint=latest.name, layout=layout)
+            logger.event("resumed", step=start_step, checkpoint=latest.name, layout=layout,
+                         consumed_samples=consumed)
+            if accepted:
+                logger.event("resume_changes", step=start_step, changes=[
+                    {"key": k, "checkpoint": o, "recipe": n} for k, o, n in accepted])
 
     def save(step: int) -> Path:
-        state = ckpt.TrainState(step=step, consumed_samples=step * plan.global_batch_size,
-                                epoch=step // steps.steps_per_epoch, tokens_seen=tokens_seen, layout=layout,
-                                peft_method=cfg.peft.method, data_fingerprint=data.fingerprint["combined"],
-                                base_model_fingerprint=fingerprint, seed=cfg.run.seed)
+        state = ckpt.TrainState(step=step, consumed_samples=consumed, epoch=steps.epoch_of(consumed),
+                                tokens_seen=tokens_seen, layout=layout, peft_method=cfg.peft.method,
+                                data_fingerprint=data.fingerprint["combined"], base_model_fingerprint=fingerprint,
+                                seed=cfg.run.seed, schedule=resume.schedule_record(cfg, total_steps),
+                                settings=settings)
         return ckpt.save_checkpoint(run_dir, ddp, optimizer, state, trainable_only, cfg.checkpoint.keep_last)
 
     # ---------------------------------------------------------------- train
@@ -181,7 +202,7 @@ def run(recipe: str, overrides: list[str]) -> int:
     step = start_step
     while step < total_steps:
         t0 = time.perf_counter()
-        batches = steps.microbatches(step, info.dp_rank)
+        batches = steps.microbatches(consumed, info.dp_rank)
         lr = engine.lr_at(step, cfg, total_steps)
         loss, grad_norm, _ = engine.train_step(ddp, optimizer, batches, seq, plan.micro_batch_size, lr, packed)
         dt = time.perf_counter() - t0
@@ -191,6 +212,7 @@ def run(recipe: str, overrides: list[str]) -> int:
         step_tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches) * info.data_parallel
         tokens_seen += step_tokens
         step += 1
+        consumed += plan.global_batch_size
         if step % cfg.run.log_interval == 0 or step == total_steps:
             logger.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                               "train/tokens_per_s": step_tokens / dt, "train/step_time_s": dt,
@@ -230,7 +252,8 @@ def run(recipe: str, overrides: list[str]) -> int:
             # instructions (they differ only with data.replace_system_prompt).
             test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt,
                                 max_record_bytes=d.max_record_bytes, key="data.test")
-            results["adapted"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, label="adapted")
+            results["adapted"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, label="adapted",
+                                               over_length=d.over_length)
             if trainable_only and cfg.eval.baseline:
                 baseline_test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt,
                                              max_record_bytes=d.max_record_bytes, warn=False)
@@ -239,7 +262,7 @@ def run(recipe: str, overrides: list[str]) -> int:
                 shots = baseline_shots(train_records, cfg.eval.baseline_few_shot, cfg.run.seed)
                 with adapters_disabled(module):
                     results["baseline"] = evaluate_task(module, tokenizer, spec, baseline_test, cfg.eval, shots,
-                                                        label="prompt-only baseline")
+                                                        label="prompt-only baseline", over_length=d.over_length)
             if main_rank:  # every record's prediction, for error analysis; results.json stays compact
                 results = {k: write_predictions(v, run_dir / f"predictions_{k}.jsonl") for k, v in results.items()}
             summary = {f"eval/{k}_exact_match": v["exact_match"] for k, v in results.items()}
@@ -255,7 +278,8 @@ def run(recipe: str, overrides: list[str]) -> int:
                   "base_checkpoint_bytes": _dir_bytes(Path(source.location)),
                   "base_fp32_bytes": 4 * spec.num_parameters(),
                   "adapter_bytes": _dir_bytes(adapter_dir) if adapter_dir else None, "eval": results,
-                  "data": {"fingerprint": data.fingerprint["combined"], "stats": data.stats},
+                  "data": {"fingerprint": data.fingerprint["combined"], "stats": data.stats,
+                           "consumed_samples": consumed, "coverage": coverage},
                   "base_model_fingerprint": fingerprint, "layout": layout,
                   # What Megatron actually ran with (not only what the recipe asked for).
                   "megatron": {"sequence_parallel": bool(chunks[0].config.sequence_parallel),
@@ -267,6 +291,33 @@ def run(recipe: str, overrides: list[str]) -> int:
     preemption.restore()
     runtime.shutdown()
     return exit_code
+
+
+def _describe_changes(changes, state, cfg, start_step: int, total_steps: int) -> str:
+    """The console note for settings a resume changed on purpose (`checkpoint.resume_changes`)."""
+    from nemo_adapt.training import engine, resume
+
+    what = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes)
+    text = f"resuming with changed settings (checkpoint.resume_changes): {what}"
+    if state.schedule is not None:
+        old = resume.lr_of_schedule(state.schedule, start_step)
+        new = engine.lr_at(start_step, cfg, total_steps)
+        text += (f"\nlearning rate of step {start_step + 1}: {old:.6g} under the checkpoint's schedule "
+                 f"({state.schedule['total_steps']} steps), {new:.6g} under the recipe's ({total_steps} steps)")
+    return text
+
+
+def _describe_coverage(c: dict, steps: int, gbs: int) -> str:
+    """One line saying what the training steps of this run will read, and what they will not."""
+    if steps <= 0:
+        return "train plan: no steps left (the checkpoint has reached the recipe's duration)"
+    text = (f"train plan: {steps} steps x {gbs} rows = {c['samples']} samples = {c['epochs']:g} epochs of "
+            f"{c['rows']} rows; ")
+    if c["rows_unseen"]:
+        return text + f"{c['rows_unseen']} of {c['rows']} rows are not read by these steps"
+    if c["min_times_seen"] == c["max_times_seen"]:
+        return text + f"every row read {c['min_times_seen']} time(s)"
+    return text + f"every row read {c['min_times_seen']} to {c['max_times_seen']} times"
 
 
 def _sum_over_model_parallel(n: int) -> int:
@@ -296,7 +347,10 @@ def _dir_bytes(path: Path) -> int:
 
 def _print_results(results: dict, run_dir: Path, record: dict) -> None:
     for r in results.values():
-        print(f"{r['label']:>22}: exact match {r['exact_match']:.3f} ({r['correct']}/{r['n']})", flush=True)
+        fit = r.get("over_length") or {}
+        note = (f", {fit['truncated']} prompt(s) truncated" if fit.get("truncated") else
+                f", {fit['dropped']} prompt(s) dropped as too long" if fit.get("dropped") else "")
+        print(f"{r['label']:>22}: exact match {r['exact_match']:.3f} ({r['correct']}/{r['n']}{note})", flush=True)
     if "adapted" in results and "baseline" in results and results["baseline"]["exact_match"] > 0:
         ratio = results["adapted"]["exact_match"] / results["baseline"]["exact_match"]
         print(f"{'improvement':>22}: {ratio:.1f}x the baseline", flush=True)

@@ -133,3 +133,61 @@ def check_recipe(cfg, spec, world_size: int, target: Target) -> None:
         if missing:
             raise ConfigError(f"train.precision='fp8' needs {' and '.join(missing)}, which {target.where} lacks; "
                               "use train.precision=bf16")
+
+
+def check_test_split(cfg, source, tokenizer=None, announce: bool = True) -> dict:
+    """Validate what evaluation will read after training, before training starts.
+
+    The test split is read (a bad record raises with its file:line, as for training data), every
+    prompt is tokenized the way evaluation will ask it — for the adapted model and, when the
+    prompt-only baseline runs, with its few-shot examples — and measured against the model's
+    context minus `eval.max_new_tokens` (and any virtual tokens). Prompts over that budget get the
+    training data's `data.over_length` policy (see `eval.runner.fit_prompts`), named and counted
+    now rather than discovered when the model has been trained.
+
+    Args:
+        cfg: the validated `RecipeConfig`.
+        source: the opened base checkpoint (`models.loader.CheckpointSource`).
+        tokenizer: its tokenizer (loaded from the checkpoint when None).
+        announce: print a warning line for prompts the policy changes.
+
+    Returns:
+        {label: fit report} for `adapted` and (when it runs) `baseline`; empty without evaluation.
+
+    Raises:
+        DataError / ConfigError: a bad test record, no room for a prompt, or (with
+            data.over_length=drop) no prompt that fits.
+    """
+    from nemo_adapt.data.formats import load_records
+    from nemo_adapt.eval.runner import baseline_shots, describe_fit, fit_prompts, prompt_budget, test_prompts
+    from nemo_adapt.tokenizer import load_tokenizer
+
+    d, e = cfg.data, cfg.eval
+    if not (e.enabled and d.test):
+        return {}
+    tokenizer = tokenizer or load_tokenizer(source.tokenizer_path)
+    n_virtual = int(getattr(cfg.peft, "num_virtual_tokens", 0) or 0)  # prompt / p-tuning positions
+    context = source.spec.max_position_embeddings
+    limit = e.max_examples or None
+    reports = {}
+    test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt,
+                        max_record_bytes=d.max_record_bytes, key="data.test")[:limit]
+    _, _, reports["adapted"] = fit_prompts(test_prompts(tokenizer, test), test,
+                                           prompt_budget(context, e.max_new_tokens, n_virtual), d.over_length)
+    if cfg.peft.method != "none" and e.baseline:
+        base = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, max_record_bytes=d.max_record_bytes,
+                            warn=False)[:limit]
+        shots = []
+        if e.baseline_few_shot:
+            train = load_records(d.train, d.format, "skip", d.system_prompt, max_record_bytes=d.max_record_bytes,
+                                 warn=False)
+            shots = baseline_shots(train, e.baseline_few_shot, cfg.run.seed)
+        _, _, reports["baseline"] = fit_prompts(test_prompts(tokenizer, base, shots), base,
+                                                prompt_budget(context, e.max_new_tokens), d.over_length,
+                                                split="data.test (prompt-only baseline)")
+    if announce:
+        for label, report in reports.items():
+            line = describe_fit(report, "data.test" if label == "adapted" else "data.test (prompt-only baseline)")
+            if line:
+                print(line, flush=True)
+    return reports

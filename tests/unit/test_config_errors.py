@@ -135,7 +135,7 @@ def test_key_in_the_wrong_section_points_to_the_right_one(tmp_path):
 def test_unknown_key_without_a_close_match_lists_the_section(tmp_path):
     path = write(tmp_path, "checkpoint:\n  zzz: 1\n")
     assert error(path) == (f"{path}:2: unknown key 'checkpoint.zzz'; "
-                           f"checkpoint has: save_interval, keep_last, resume, save_on_signal")
+                           f"checkpoint has: save_interval, keep_last, resume, save_on_signal, resume_changes")
 
 
 def test_non_string_key(tmp_path):
