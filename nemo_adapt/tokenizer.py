@@ -31,7 +31,8 @@ _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12:
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
-def _quiet_transformers():
+def quiet_transformers():
+    """Silence transformers' info logs and progress bars (they would land on our commands' stderr)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -55,7 +56,7 @@ def load_tokenizer(path: str | os.PathLike):
     """
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         path = _converted_gguf_tokenizer(path)

@@ -86,6 +86,9 @@ def _write_random(out: Path, name: str, spec, cfg: dict, seed: int) -> None:
     import torch
     import transformers
 
+    from nemo_adapt.tokenizer import quiet_transformers
+
+    quiet_transformers()  # no "Writing model shards" progress bar on stderr of a command that makes one
     config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
