@@ -53,14 +53,15 @@ def _reader(path: str | os.PathLike):
     if not path.is_file():
         raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
     st = path.stat()
-    return _cached_reader(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return _cached_reader(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_reader(path: str, size: int, mtime_ns: int):
+def _cached_reader(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int):
     # Parsing the metadata (49k tokenizer strings for SmolLM2) takes seconds; a file is opened by
     # the preflight check, the model loader and the tokenizer, so parse it once per process.
-    # The key includes size and mtime, so a file replaced on disk is parsed again.
+    # In-process only: the key has size, mtime, inode and ctime, so a file replaced or rewritten on
+    # disk (even with its mtime restored, which changes ctime) is parsed again.
     import gguf
 
     try:

@@ -100,7 +100,8 @@ def _read_json(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"cannot read {str(path)!r}: {err}") from err
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: line {err.lineno}: {err.msg}") from err
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {err.msg.removesuffix(' at')} (line {err.lineno}, "
+                              f"column {err.colno})") from err
     if not isinstance(value, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(value).__name__}, not a JSON object")
     return value

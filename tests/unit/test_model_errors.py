@@ -66,8 +66,13 @@ def test_directory_without_config(tmp_path):
 
 def test_unreadable_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not valid JSON: line 1"):
+    with pytest.raises(CheckpointError, match=r"not valid JSON: Expecting property name enclosed in double quotes "
+                                              r"\(line 1, column 2\)"):
         open_source(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama')
+    with pytest.raises(CheckpointError) as err:
+        open_source(tmp_path)
+    assert "Unterminated string starting (line 1, column 16)" in str(err.value) and " at (" not in str(err.value)
 
 
 def test_unsupported_architecture(tmp_path):
