@@ -83,12 +83,22 @@ class PreemptionHandler:
         if self._flag and self.signal_name in {s.name for s in INTERRUPTING_SIGNALS}:
             raise RunInterrupted(self.signal_name, phase)
 
+        received: list[str] = []
+
         def interrupt(signum, frame):
-            raise RunInterrupted(signal.Signals(signum).name, phase)
+            received.append(signal.Signals(signum).name)
+            raise RunInterrupted(received[-1], phase)
 
         previous = {sig: signal.signal(sig, interrupt) for sig in INTERRUPTING_SIGNALS}
         try:
             yield
+        except Exception as err:
+            # Under torchrun every rank gets the signal; a rank blocked in a collective (waiting at a
+            # barrier for rank 0's data) sees it fail when a peer stops first. After a signal, that
+            # failure is the interruption, not a fault of its own.
+            if received:
+                raise RunInterrupted(received[0], phase) from err
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -123,6 +123,26 @@ def test_signal_during_a_phase_raises_a_named_interruption():
         handler.restore()
 
 
+def test_a_collective_failing_after_the_signal_is_the_interruption():
+    """A rank blocked at the barrier while rank 0 prepares data sees the barrier fail when rank 0 stops
+    on the signal; that failure must end the rank as the same clean interruption."""
+    from nemo_adapt.training.signals import PreemptionHandler, RunInterrupted
+
+    handler = PreemptionHandler(enabled=True)
+    try:
+        with pytest.raises(RunInterrupted) as info, handler.interrupt_on_signal("data preparation"):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except RunInterrupted:
+                raise RuntimeError("[gloo] Connection closed by peer") from None
+        assert info.value.exit_code == 143 and isinstance(info.value.__cause__, RuntimeError)
+        with pytest.raises(RuntimeError, match="no signal"), handler.interrupt_on_signal("data preparation"):
+            raise RuntimeError("no signal: a fault of its own stays itself")
+    finally:
+        handler.restore()
+
+
 def _start_run(tmp_path: Path, rows: int) -> tuple[subprocess.Popen, Path]:
     sys.path.insert(0, str(REPO))
     from tests.conftest import write_tiny_chat_data, write_tiny_recipe
