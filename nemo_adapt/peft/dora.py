@@ -218,9 +218,67 @@ class DoRA(LoRA):
 
     @classmethod
     def to_hf_peft(cls, config, tensors, spec):
-        """Not LoRA's export: HF PEFT's DoRA (`use_dora`) also needs the magnitude vectors mapped."""
-        raise ConfigError("peft.method=dora has no Hugging Face PEFT export yet (HF PEFT's use_dora needs the "
-                          "magnitude vectors per projection); serve the nemo-adapt adapter artifact")
+        """HF PEFT's DoRA: a LoRA adapter with `use_dora: true` plus one magnitude vector per projection.
+
+        HF PEFT (`peft/tuners/lora/dora.py`, `DoraLinearLayer`) computes, per adapted `nn.Linear`,
+        m / ||W + s B A||_c * (W x + s B A x) + b with the norm taken over the input dimension (one value
+        per output row, `torch.linalg.norm(W + s*B@A, dim=1)`), detached, the bias not rescaled, and
+        s = lora_alpha / r: the same function as ours, so the mapping is exact. Its files store m as
+        `<module>.lora_magnitude_vector` (no `.weight`: `LoraModel._get_adapter_state_dict` strips it
+        and `_remap_adapter_state_dict_for_load` puts it back), a vector of out_features.
+
+        A and B map as in LoRA (fused linear_qkv / linear_fc1 split into q/k/v and gate/up, A copied to
+        each). The magnitude splits with B's rows: each output row of a fused layer is one output row of
+        exactly one projection, with the same input columns, so its norm ||W + s B A||_c row is that
+        projection's row norm and the split is exact. `detach_norm` changes only gradients, not what
+        the adapter computes, so it needs no field (HF PEFT always detaches when training further).
+
+        Args:
+            config: the `DoRAConfig` the adapter was trained with.
+            tensors: the artifact's tensors (`decoder.layers.<i>.<block>.<linear>.adapter.{down,up}.weight`
+                and `....<linear>.magnitude.weight`, full TP-gathered shapes).
+            spec: the base model's `ModelSpec` (q/k/v row layout of linear_qkv).
+
+        Returns:
+            (adapter_config fields: LoRA's with `use_dora: true`, tensors under HF PEFT's names).
+
+        Raises:
+            ConfigError: a tensor name that is not a DoRA tensor, an adapted layer without its magnitude
+                (HF PEFT would silently recompute it from the weights), or a magnitude whose length is
+                not the layer's output rows.
+        """
+        from nemo_adapt.models.weights import _split_qkv
+
+        lora_tensors, magnitudes = {}, {}
+        for name, tensor in tensors.items():
+            parts = name.split(".")  # decoder.layers.<i>.<block>.<linear>.magnitude.weight
+            if len(parts) == 7 and parts[:2] == ["decoder", "layers"] and parts[5:] == ["magnitude", "weight"]:
+                magnitudes[(int(parts[2]), parts[4])] = tensor
+            else:
+                lora_tensors[name] = tensor
+        fields, out = super().to_hf_peft(config, lora_tensors, spec)
+        # Output rows of each adapted layer, from B [out, r] (LoRA's export checked the names).
+        rows_of = {(int(n.split(".")[2]), n.split(".")[4]): t.shape[0]
+                   for n, t in lora_tensors.items() if n.endswith(".adapter.up.weight")}
+        if set(rows_of) != set(magnitudes):
+            unpaired = sorted(set(rows_of) ^ set(magnitudes))
+            raise ConfigError(f"DoRA artifact: (layer, linear) {unpaired} lack either the LoRA pair or the "
+                              "magnitude vector; the artifact is incomplete")
+        for (layer, linear), m in sorted(magnitudes.items()):
+            rows = rows_of[(layer, linear)]
+            if m.dim() != 1 or m.shape[0] != rows:
+                raise ConfigError(f"DoRA magnitude of layer {layer} {linear} has shape {tuple(m.shape)}, but the "
+                                  f"layer has {rows} output rows")
+            block, projections = cls.HF_TARGETS[linear]
+            if linear == "linear_qkv":
+                pieces = list(_split_qkv(spec, m))  # Megatron's per-query-group [q..., k, v] rows
+            elif linear == "linear_fc1":
+                pieces = list(m.chunk(2))  # [gate; up] as B's rows
+            else:
+                pieces = [m]
+            for proj, piece in zip(projections, pieces):
+                out[f"base_model.model.model.layers.{layer}.{block}.{proj}.lora_magnitude_vector"] = piece.contiguous()
+        return {**fields, "use_dora": True}, out
 
     def transform(self, module, name):
         wrapped = super().transform(module, name)

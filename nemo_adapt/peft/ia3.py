@@ -187,6 +187,58 @@ class IA3(PeftMethod):
     paper = ("Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than "
              "In-Context Learning, arXiv:2205.05638")
 
+    # Our vector -> (HF module path under a decoder layer, whether HF PEFT treats it as feedforward).
+    HF_TARGETS = {"keys": ("self_attn.k_proj", False), "values": ("self_attn.v_proj", False),
+                  "ffn": ("mlp.down_proj", True)}
+
+    @classmethod
+    def to_hf_peft(cls, config, tensors, spec):
+        """HF PEFT's IA3 (`peft_type: IA3`, `peft/tuners/ia3/layer.py`): one `ia3_l` vector per target
+        `nn.Linear`; a module in `feedforward_modules` multiplies its input (`ia3_l` of shape
+        [1, in_features]), any other multiplies its output, bias included (`ia3_l` [out_features, 1]).
+        Files store it as `<module>.ia3_l` (adapter name removed).
+
+        Ours maps exactly: l_k and l_v scale the key and value rows of the fused linear_qkv output, bias
+        included, i.e. the outputs of HF's k_proj and v_proj (kv heads x head_dim rows, group-major as
+        Megatron's per-group layout, so GQA needs no reordering); l_ff scales the input of linear_fc2,
+        i.e. HF's down_proj as a feedforward module.
+
+        Args:
+            config: the `IA3Config` the adapter was trained with.
+            tensors: the artifact's tensors (`decoder.layers.<i>.self_attention.linear_qkv.scaling.{keys,values}`,
+                `decoder.layers.<i>.mlp.linear_fc2.scaling.ffn`, full TP-gathered shapes).
+            spec: the base model's `ModelSpec` (vector widths checked against it).
+
+        Returns:
+            (adapter_config fields, tensors under HF PEFT's names).
+
+        Raises:
+            ConfigError: a tensor that is not an IA3 vector, or one whose width is not the model's.
+        """
+        widths = {"keys": spec.num_query_groups * spec.kv_channels, "values": spec.num_query_groups * spec.kv_channels,
+                  "ffn": spec.ffn_hidden_size}
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            parts = name.split(".")  # decoder.layers.<i>.<block>.<linear>.scaling.<keys|values|ffn>
+            if (len(parts) != 7 or parts[:2] != ["decoder", "layers"] or parts[5] != "scaling"
+                    or parts[6] not in cls.HF_TARGETS
+                    or parts[4] != ("linear_fc2" if parts[6] == "ffn" else "linear_qkv")):
+                raise ConfigError(f"IA3 tensor {name!r} is not decoder.layers.<i>.<block>.<linear>.scaling."
+                                  "<keys|values|ffn>")
+            which = parts[6]
+            if tensor.shape != (widths[which],):
+                raise ConfigError(f"IA3 vector {name!r} has shape {tuple(tensor.shape)}, but {spec.name}'s "
+                                  f"{which} width is {widths[which]}")
+            module, feedforward = cls.HF_TARGETS[which]
+            # HF's shapes: [1, in] scales a feedforward module's input, [out, 1] any other's output.
+            shaped = tensor.reshape(1, -1) if feedforward else tensor.reshape(-1, 1)
+            out[f"base_model.model.model.layers.{int(parts[2])}.{module}.ia3_l"] = shaped.contiguous()
+        targets = sorted(cls.HF_TARGETS[t][0].rsplit(".", 1)[1] for t in config.targets)
+        feedforward = sorted(cls.HF_TARGETS[t][0].rsplit(".", 1)[1] for t in config.targets if cls.HF_TARGETS[t][1])
+        fields = {"peft_type": "IA3", "target_modules": targets, "feedforward_modules": feedforward,
+                  "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}
+        return fields, out
+
     def transform(self, module, name):
         from nemo_adapt.peft.lora import linear_kind
 
