@@ -139,6 +139,9 @@ def run(recipe: str, overrides: list[str]) -> int:
     # The data position is a sample count: it stays exact if the global batch size changed.
     start_step, consumed = (state.step, state.consumed_samples) if state else (0, 0)
     total_steps = cfg.run.max_steps or start_step + steps.steps_for_epochs(cfg.run.max_epochs, consumed)
+    if state is not None:  # a longer or shorter run must not silently re-shape the LR schedule
+        accepted += resume.check_schedule(state.schedule, state.settings, cfg, start_step, total_steps,
+                                          cfg.checkpoint.resume_changes, str(latest))
     if data.validation is not None and len(data.validation) < plan.global_batch_size:
         raise ConfigError(f"the validation split has {len(data.validation)} rows, fewer than "
                           f"train.global_batch_size={plan.global_batch_size}")

@@ -1,12 +1,14 @@
 """What a resume must not change silently: the settings a checkpoint was trained with.
 
 A checkpoint's `state.json` records the recipe settings that decide what the next steps compute —
-seed (data order, dropout), duration, global batch size, precision, optimizer and LR schedule, the
-PEFT method's settings, data shuffling — and the resolved LR schedule. Resuming with any of them
-changed is refused with one message that lists every change (old -> new) and the override that
-accepts it, `checkpoint.resume_changes=[key, ...]`. An accepted change is applied from the next
-step and reported: the learning rate of that step under the checkpoint's schedule and under the
-recipe's. The data position is stored as consumed samples (see `engine.StepData`), so a changed
+seed (data order, dropout), global batch size, precision, optimizer and LR schedule, the PEFT
+method's settings, data shuffling — and the resolved LR schedule. Resuming with any of them changed
+is refused with one message that lists every change (old -> new) and the override that accepts it,
+`checkpoint.resume_changes=[key, ...]`. The duration (`run.max_steps`, `run.max_epochs`) may grow
+freely while it leaves every remaining step's learning rate as it was (a constant schedule); when
+the LR of any remaining step would change (cosine, linear and WSD decay over the run's length), it
+is refused the same way. An accepted change is applied from the next step and reported: the
+learning rate of that step under the checkpoint's schedule and under the recipe's. The data position is stored as consumed samples (see `engine.StepData`), so a changed
 global batch size continues exactly where the data stopped.
 
 Layout changes (TP/PP/DP/VP) are not settings of the run: checkpoints reshard, and they are free.
@@ -18,9 +20,10 @@ from types import SimpleNamespace
 
 from nemo_adapt.errors import ConfigError
 
-COMPARED_KEYS = ("run.seed", "run.max_steps", "run.max_epochs", "train.global_batch_size", "train.precision",
-                 "train.grad_clip", "data.shuffle")
+COMPARED_KEYS = ("run.seed", "train.global_batch_size", "train.precision", "train.grad_clip", "data.shuffle")
 """Single settings a resume compares; every field of the `optim` and `peft` sections is compared too."""
+DURATION_KEYS = ("run.max_steps", "run.max_epochs")
+"""Recorded with the settings, but judged by what they do to the LR schedule (`check_schedule`)."""
 COMPARED_SECTIONS = ("optim", "peft")
 DATA = "data"
 """The name under which a changed training-data fingerprint (files or tokenization settings) is reported."""
@@ -49,7 +52,7 @@ def resume_settings(cfg) -> dict:
 
     plain = config_to_dict(cfg)
     out = {}
-    for key in COMPARED_KEYS:
+    for key in COMPARED_KEYS + DURATION_KEYS:
         section, name = key.split(".", 1)
         out[key] = plain[section][name]
     for section in COMPARED_SECTIONS:
@@ -104,7 +107,7 @@ def check_settings(saved: dict | None, current: dict, allowed: list[str], checkp
     """
     changes = []
     if saved is not None:
-        for key in sorted(set(saved) | set(current)):
+        for key in sorted((set(saved) | set(current)) - set(DURATION_KEYS)):
             old, new = saved.get(key, "(absent)"), current.get(key, "(absent)")
             if old != new:
                 changes.append((key, old, new))
@@ -126,3 +129,44 @@ def check_settings(saved: dict | None, current: dict, allowed: list[str], checkp
                           f"the checkpoint was trained with; to accept these changes from the next step, add "
                           f"checkpoint.resume_changes=[{keys}], or start a new run (another run.name)")
     return changes
+
+
+def check_schedule(saved_schedule: dict | None, saved_settings: dict | None, cfg, start_step: int, total_steps: int,
+                   allowed: list[str], checkpoint: str) -> list[tuple[str, object, object]]:
+    """Refuse a changed run length that would change the learning rate of a remaining step.
+
+    Args:
+        saved_schedule: the checkpoint's `schedule_record` (None for checkpoints that predate it).
+        saved_settings: the checkpoint's `resume_settings` (for the duration keys it names).
+        cfg: the recipe config (its `optim` section equals the checkpoint's: `check_settings` ran first).
+        start_step: steps the checkpoint has done.
+        total_steps: the run's length under the recipe.
+        allowed: `checkpoint.resume_changes`.
+        checkpoint: the checkpoint's path, for messages.
+
+    Returns:
+        The accepted change as [(duration key, old total steps, new total steps)], or [].
+
+    Raises:
+        ConfigError: the schedule changes and no duration key (or `run`) is in `allowed`.
+    """
+    from nemo_adapt.training.engine import lr_at
+
+    if saved_schedule is None or saved_schedule["total_steps"] == total_steps:
+        return []
+    old_total = saved_schedule["total_steps"]
+    differs = next((k for k in range(start_step, max(old_total, total_steps))
+                    if lr_of_schedule(saved_schedule, k) != lr_at(k, cfg, total_steps)), None)
+    if differs is None:
+        return []  # e.g. a constant schedule: running longer changes no step's learning rate
+    saved_settings = saved_settings or {}
+    key = next((k for k in DURATION_KEYS if saved_settings.get(k) != resume_settings(cfg).get(k)), DURATION_KEYS[0])
+    if any(_allowed(a, key) for a in allowed):
+        return [(key, old_total, total_steps)]
+    old_lr, new_lr = lr_of_schedule(saved_schedule, differs), lr_at(differs, cfg, total_steps)
+    raise ConfigError(
+        f"resuming from {checkpoint!r} would change the run: {key}: {saved_settings.get(key)!r} -> "
+        f"{resume_settings(cfg).get(key)!r} changes the learning-rate schedule (optim.schedule="
+        f"{cfg.optim.schedule!r} over {old_total} steps becomes {total_steps} steps): step {differs + 1} would "
+        f"get lr {new_lr:.6g} instead of {old_lr:.6g}. To accept the new schedule from the next step, add "
+        f"checkpoint.resume_changes=[{key}], or start a new run (another run.name)")

@@ -23,12 +23,18 @@ def test_changed_batch_and_step_budget_refused_then_accepted_explicitly(tmp_path
     assert state["consumed_samples"] == 32 and state["schedule"]["total_steps"] == 4
     assert state["settings"]["train.global_batch_size"] == 8
 
+    # A longer cosine run re-shapes the schedule of the remaining steps: refused, naming the LR change.
+    _, proc = _run(tmp_path, "r", tiny_data, cache_env, check=False, **{**first, "run": {"max_steps": 6}})
+    assert proc.returncode != 0
+    assert "run.max_steps: 4 -> 6 changes the learning-rate schedule" in proc.stderr
+    assert "checkpoint.resume_changes=[run.max_steps]" in proc.stderr
+    # Another global batch size: refused before any work.
     changed = {**first, "run": {"max_steps": 6}, "train": {"global_batch_size": 16}}
     _, proc = _run(tmp_path, "r", tiny_data, cache_env, check=False, **changed)
     assert proc.returncode != 0
-    err = proc.stderr
-    assert "run.max_steps: 4 -> 6" in err and "train.global_batch_size: 8 -> 16" in err
-    assert "checkpoint.resume_changes=[run.max_steps,train.global_batch_size]" in err
+    assert "train.global_batch_size: 8 -> 16" in proc.stderr
+    assert "checkpoint.resume_changes=[train.global_batch_size]" in proc.stderr
+    assert "preparing data" not in proc.stdout
     assert (root / "latest").read_text().strip() == "step_00000004"
 
     _, proc = _run(tmp_path, "r", tiny_data, cache_env, **changed,
@@ -43,4 +49,4 @@ def test_changed_batch_and_step_budget_refused_then_accepted_explicitly(tmp_path
     assert f"learning rate of step 5: {lr_at(4, cfg, 4):.6g} under the checkpoint's schedule (4 steps), " \
            f"{lr_at(4, cfg, 6):.6g} under the recipe's (6 steps)" in proc.stdout
     events = [m for m in read_metrics(run_dir) if m.get("event") == "resume_changes"]
-    assert [c["key"] for c in events[0]["changes"]] == ["run.max_steps", "train.global_batch_size"]
+    assert sorted(c["key"] for c in events[0]["changes"]) == ["run.max_steps", "train.global_batch_size"]

@@ -99,14 +99,35 @@ def _cfg(**sections):
 
 def test_changed_settings_are_refused_with_the_override_that_accepts_them():
     saved = resume_settings(_cfg())
-    now = resume_settings(_cfg(run={"max_steps": 6}, train={"global_batch_size": 16}))
+    now = resume_settings(_cfg(run={"seed": 9}, train={"global_batch_size": 16}))
     with pytest.raises(ConfigError) as err:
         check_settings(saved, now, [], "runs/x/checkpoints/step_00000004")
     msg = str(err.value)
-    assert "run.max_steps: 4 -> 6" in msg and "train.global_batch_size: 8 -> 16" in msg
-    assert "checkpoint.resume_changes=[run.max_steps,train.global_batch_size]" in msg
-    accepted = check_settings(saved, now, ["run.max_steps", "train.global_batch_size"], "ck")
-    assert accepted == [("run.max_steps", 4, 6), ("train.global_batch_size", 8, 16)]
+    assert "run.seed: 1234 -> 9" in msg and "train.global_batch_size: 8 -> 16" in msg
+    assert "checkpoint.resume_changes=[run.seed,train.global_batch_size]" in msg
+    accepted = check_settings(saved, now, ["run.seed", "train.global_batch_size"], "ck")
+    assert accepted == [("run.seed", 1234, 9), ("train.global_batch_size", 8, 16)]
+
+
+def test_a_longer_run_that_reshapes_the_lr_schedule_is_refused_and_a_constant_one_is_not():
+    from nemo_adapt.training.engine import lr_at
+    from nemo_adapt.training.resume import check_schedule
+
+    old = _cfg()  # cosine over 4 steps
+    longer = _cfg(run={"max_steps": 6})
+    sched, settings = schedule_record(old, 4), resume_settings(old)
+    with pytest.raises(ConfigError) as err:
+        check_schedule(sched, settings, longer, 4, 6, [], "ck")
+    msg = str(err.value)
+    assert "run.max_steps: 4 -> 6 changes the learning-rate schedule (optim.schedule='cosine' over 4 steps becomes " \
+           "6 steps)" in msg
+    assert f"step 5 would get lr {lr_at(4, longer, 6):.6g} instead of {lr_at(4, old, 4):.6g}" in msg
+    assert "checkpoint.resume_changes=[run.max_steps]" in msg
+    assert check_schedule(sched, settings, longer, 4, 6, ["run.max_steps"], "ck") == [("run.max_steps", 4, 6)]
+    constant = _cfg(optim={"schedule": "constant"})
+    assert check_schedule(schedule_record(constant, 4), resume_settings(constant),
+                          _cfg(run={"max_steps": 6}, optim={"schedule": "constant"}), 4, 6, [], "ck") == []
+    assert check_schedule(None, None, longer, 4, 6, [], "ck") == []  # checkpoints without a schedule
 
 
 def test_peft_and_optim_settings_and_data_are_compared():
