@@ -67,7 +67,8 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base
                               f"{base!r} is {now}")
     fields_, tensors = method.to_hf_peft(config, load_file(str(adapter_dir / WEIGHTS)), source.spec)
     hf_config = {**fields_, "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "inference_mode": True,
-                 "nemo_adapt": {"method": config.method, "base_model_fingerprint": now,
+                 # A method's own notes (`nemo_adapt` in its fields: how it was mapped) join ours.
+                 "nemo_adapt": {**fields_.get("nemo_adapt", {}), "method": config.method, "base_model_fingerprint": now,
                                 "data_fingerprint": meta.get("data_fingerprint"), "run": meta.get("run"),
                                 "step": meta.get("step")}}
     out = Path(out_dir).resolve()

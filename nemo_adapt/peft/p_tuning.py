@@ -8,6 +8,8 @@ virtual tokens, which the paper found trains more stably than independent embedd
 
 `collapse()` (or `virtual_tokens.collapse(model)`) evaluates the encoder once and keeps only the
 resulting [n, h] table, so serving pays nothing for the encoder and saves n * h parameters.
+`nemo-adapt export --format peft` writes that table as a Hugging Face PEFT prompt-tuning adapter
+(`PTuning.to_hf_peft`).
 """
 
 from __future__ import annotations
@@ -118,6 +120,62 @@ class PTuning(PeftMethod):
     @classmethod
     def check_recipe(cls, config, recipe, spec) -> None:
         check_virtual_token_recipe(config.num_virtual_tokens, recipe, spec)
+
+    EXPORTED_AS = "prompt_tuning (p-tuning prompt encoder collapsed to its table)"
+    """The `nemo_adapt.exported_as` note in an HF PEFT export's adapter_config.json."""
+
+    @classmethod
+    def to_hf_peft(cls, config, tensors, spec):
+        """Hugging Face PEFT's `PROMPT_TUNING` form of the collapsed prompt: the encoder run once.
+
+        The virtual tokens do not depend on the input, so the export evaluates the encoder once (in
+        float32, stored in the artifact's dtype) and writes the resulting [n, h] table as a `PROMPT_TUNING`
+        adapter (see `PromptTuning.to_hf_peft` for why placement and positions agree); the config says so
+        in `nemo_adapt.exported_as`. HF PEFT saves its own `P_TUNING` adapters the same way (peft 0.21:
+        `prompt_embeddings` = `get_prompt_embedding_to_save`, the encoder's output), but loading one with
+        `inference_mode: false` rebuilds HF's encoder (an MLP of 3 linear layers or its LSTM, freshly
+        initialised) and runs it over the loaded table, which is wrong for a table; `PROMPT_TUNING` uses
+        the table as is in both modes. Continued training in HF PEFT then trains the table (prompt
+        tuning), not our encoder.
+
+        Args:
+            config: the method's config (as trained).
+            tensors: the adapter artifact's tensors: the encoder (`virtual_prompt.encoder.*`, as training
+                saves it) or the collapsed table (`virtual_prompt.prompt` [n, h]).
+            spec: the base model's `ModelSpec`.
+
+        Returns:
+            (adapter_config fields, {"prompt_embeddings": [n, h]}).
+
+        Raises:
+            ConfigError: the artifact holds neither a complete encoder of this config nor an [n, h] table.
+        """
+        from nemo_adapt.errors import ConfigError
+        from nemo_adapt.peft.prompt_tuning import PROMPT_TABLE, hf_prompt_tuning_fields
+
+        n, h = config.num_virtual_tokens, spec.hidden_size
+        prefix = "virtual_prompt.encoder."
+        encoder_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if encoder_state:
+            dtype = next(iter(encoder_state.values())).dtype
+            with seeded(0):  # the constructor's random init is overwritten; keep the global RNG untouched
+                encoder = PromptEncoder(n, h, config)
+            try:
+                encoder.load_state_dict({k: v.float() for k, v in encoder_state.items()}, strict=True)
+            except RuntimeError as err:
+                raise ConfigError(f"p-tuning artifact: its encoder tensors do not fit peft.encoder={config.encoder}, "
+                                  f"encoder_layers={config.encoder_layers}, hidden {config.encoder_hidden or h}: "
+                                  f"{err}") from err
+            with torch.no_grad():
+                table = encoder.eval()().to(dtype)
+        elif PROMPT_TABLE in tensors:
+            table = tensors[PROMPT_TABLE]
+        else:
+            raise ConfigError(f"p-tuning artifact holds neither {prefix}* (the prompt encoder) nor {PROMPT_TABLE}")
+        if tuple(table.shape) != (n, h):
+            raise ConfigError(f"p-tuning artifact: the prompt table is {list(table.shape)}, expected [{n}, {h}]")
+        fields = {**hf_prompt_tuning_fields(n, spec), "nemo_adapt": {"exported_as": cls.EXPORTED_AS}}
+        return fields, {"prompt_embeddings": table.contiguous()}
 
     def apply_model_level(self, model):
         n = self.config.num_virtual_tokens

@@ -15,7 +15,9 @@ one layer and one KV head each, so each layer holds its own rows, split over TP 
 
 Prefix keys carry no rotary position (they are prepended after RoPE, as Hugging Face PEFT's
 `past_key_values`), never enter the KV cache, and are visible to every query, including every
-example of a packed row. See `virtual_tokens` for the shared rules.
+example of a packed row. See `virtual_tokens` for the shared rules. Unlike ours, HF PEFT's real
+tokens take positions n, n + 1, ... behind the prefix; `PrefixTuning.to_hf_peft` exports the
+collapsed prefixes with the keys rotated to position n, which gives HF PEFT our attention scores.
 """
 
 from __future__ import annotations
@@ -196,6 +198,17 @@ class PrefixAttention(torch.nn.Module):
         return sd
 
 
+def _rotary_inv_freq(spec) -> torch.Tensor:
+    """The rotary frequencies [head_dim / 2] our model uses for `spec` (Megatron-Core's own computation,
+    built as `models.builder` builds the GPTModel's, on the CPU)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = spec.rope_scaling
+    base = int(spec.rope_theta) if float(spec.rope_theta).is_integer() else float(spec.rope_theta)
+    return RotaryEmbedding(spec.kv_channels, 1.0, rotary_base=base, rope_scaling=rope is not None,
+                           rope_scaling_factor=rope.factor if rope else 8.0, use_cpu_initialization=True).inv_freq
+
+
 @register_peft("prefix_tuning")
 class PrefixTuning(PeftMethod):
     """Prefix tuning (Li & Liang 2021) on every self-attention layer's core attention."""
@@ -232,6 +245,88 @@ class PrefixTuning(PeftMethod):
         if self._encoder is not None:
             model.prefix_encoder = self._encoder
             mark_model_parallel_shared(self._encoder, primary=bool(model.pre_process))
+
+    @classmethod
+    def to_hf_peft(cls, config, tensors, spec):
+        """Hugging Face PEFT's `PREFIX_TUNING` form (`prefix_projection: false`): the collapsed prefixes.
+
+        Format (peft 0.21.2): `prompt_embeddings` [n, L * 2 * token_dim] is the prefix encoder's embedding;
+        `PeftModel.get_prompt` views it as [b, n, L * 2, heads, token_dim / heads], permutes to
+        [L * 2, b, heads, n, head_dim] and splits it into per-layer (key, value) pairs, so the last dim runs
+        layer-major, key before value, then KV head, then head dim. `_prepare_prompt_learning_config` sets
+        heads = the base config's `num_key_value_heads` and token_dim = heads * head_dim for grouped-query
+        attention, which is our [n, query groups, head dim] per layer. The pairs become a `DynamicCache`
+        that the base model's attention extends with the real tokens' keys and values: cached keys are used
+        as stored, so the prefix keys are not rotated, as ours.
+
+        One difference in positions: HF PEFT puts the real tokens after the cache, at positions n, n + 1, ...
+        (`cache_position` from the cache length in `forward`, `cache_position += n` at prefill in
+        `prepare_inputs_for_generation`), while our prefixes take no position (real tokens at 0, 1, ...).
+        Between real tokens RoPE scores depend only on the position difference, which is the same. Against
+        a prefix key they would not: HF's query at i + n meets the un-rotated key k with (R(i + n) q) . k, ours
+        at i with (R(i) q) . k. RoPE rotations compose, (R(a) q) . (R(b) k) = (R(a - b) q) . k, so the export
+        stores every prefix key as R(n) k, rotated to position n with our model's rotary frequencies
+        (Megatron-Core's `RotaryEmbedding` of this spec, llama3 scaling included): HF's score
+        (R(i + n) q) . (R(n) k) = (R(i) q) . k is ours, in `forward` and in `generate`. Values are as they are.
+
+        Generating with the export in peft 0.21.2 under transformers 5 needs `generate(..., use_cache=False)`:
+        peft's `prepare_inputs_for_generation` looks for the KV cache under `past_key_values`, which
+        transformers 5 passes as `cache`, so with a cache it starts a fresh prefix-only cache at every decode
+        step and the continuation is wrong (`forward` is unaffected).
+
+        The reparameterisation MLP (if the artifact still has it, as training saves it) is evaluated once
+        in float32; the table is stored in the artifact's dtype.
+
+        Args:
+            config: the method's config (as trained).
+            tensors: the adapter artifact's tensors: `prefix_encoder.*` with each layer's
+                `...core_attention.{key,value}_{weight,bias}` (reparameterised), or each layer's
+                `...core_attention.prefix_{key,value}` [n, groups, head dim].
+            spec: the base model's `ModelSpec`.
+
+        Returns:
+            (adapter_config fields, {"prompt_embeddings": [n, num_layers * 2 * groups * head_dim]}).
+
+        Raises:
+            ConfigError: a layer's prefixes are missing or have the wrong shape.
+        """
+        n, g, d = config.num_prefix_tokens, spec.num_query_groups, spec.kv_channels
+        hidden = None
+        if "prefix_encoder.embedding" in tensors:
+            try:
+                hidden = torch.tanh(F.linear(tensors["prefix_encoder.embedding"].float(),
+                                             tensors["prefix_encoder.down.weight"].float(),
+                                             tensors["prefix_encoder.down.bias"].float()))  # [n, H]
+            except (KeyError, RuntimeError) as err:
+                raise ConfigError(f"prefix tuning artifact: incomplete or misshapen prefix_encoder.*: {err}") from err
+        dtype = next(iter(tensors.values())).dtype
+        angle = n * _rotary_inv_freq(spec).double()  # position n, one angle per rotary pair
+        cos, sin = torch.cat([angle, angle]).cos(), torch.cat([angle, angle]).sin()
+        layers = []
+        for layer in range(spec.num_layers):
+            name = f"decoder.layers.{layer}.self_attention.core_attention"
+            try:
+                if hidden is not None:
+                    key, value = (F.linear(hidden, tensors[f"{name}.{kv}_weight"].float(),
+                                           tensors[f"{name}.{kv}_bias"].float()) for kv in ("key", "value"))
+                else:
+                    key, value = tensors[f"{name}.prefix_key"].float(), tensors[f"{name}.prefix_value"].float()
+                key, value = key.reshape(n, g, d), value.reshape(n, g, d)
+            except (KeyError, RuntimeError) as err:
+                raise ConfigError(f"prefix tuning artifact: layer {layer}'s prefixes are missing or not "
+                                  f"{n} x {g} x {d} (tokens x query groups x head dim): {err}") from err
+            key = key.double()
+            # RoPE as Megatron-Core and transformers apply it (rotate-half layout), at position n.
+            x1, x2 = key.chunk(2, dim=-1)
+            key = key * cos + torch.cat([-x2, x1], dim=-1) * sin
+            layers.append(torch.stack([key.float(), value], dim=1))  # [n, 2, g, d]: key then value
+        table = torch.stack(layers, dim=1).reshape(n, spec.num_layers * 2 * g * d).to(dtype)
+        fields = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": n, "token_dim": g * d,
+                  "num_transformer_submodules": 1, "num_attention_heads": g, "num_layers": spec.num_layers,
+                  "encoder_hidden_size": g * d, "prefix_projection": False,
+                  "nemo_adapt": {"prefix_keys": f"rotated by RoPE position {n}: HF PEFT places the real tokens "
+                                                f"at positions {n}.. after the prefix, ours at 0.."}}
+        return fields, {"prompt_embeddings": table.contiguous()}
 
     @staticmethod
     def collapse(model) -> int:

@@ -5,7 +5,8 @@ n trainable virtual-token embeddings [n, h] are prepended to every input on the 
 stage; the model is frozen. Trainable parameters: n * h. Initialisation as in the paper: random
 uniform, embeddings of sampled vocabulary tokens, or the embeddings of a text (e.g. the task's
 class labels or instructions) repeated/truncated to n tokens. See `virtual_tokens` for positions,
-masks, packing and generation.
+masks, packing and generation. `nemo-adapt export --format peft` writes Hugging Face PEFT's
+`PROMPT_TUNING` format (`PromptTuning.to_hf_peft`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,23 @@ class PromptTable(VirtualPrompt):
         return self.prompt
 
 
+PROMPT_TABLE = "virtual_prompt.prompt"
+"""Artifact name of the [n, h] virtual-token table (prompt tuning; p-tuning after `collapse()`)."""
+
+
+def hf_prompt_tuning_fields(n: int, spec) -> dict:
+    """adapter_config.json fields of Hugging Face PEFT's `PromptTuningConfig` for an [n, h] table.
+
+    Format: peft 0.21's `PromptTuningConfig`/`PromptEmbedding` (`peft_type: PROMPT_TUNING`, the table saved
+    as `prompt_embeddings` [num_virtual_tokens * num_transformer_submodules, token_dim]); a decoder-only
+    model has one transformer submodule. `RANDOM` init: HF PEFT needs no tokenizer, the weights replace it.
+    """
+    return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": n, "token_dim": spec.hidden_size,
+            "num_transformer_submodules": 1, "num_attention_heads": spec.num_attention_heads,
+            "num_layers": spec.num_layers, "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None}
+
+
 def initial_prompt(gpt, config, n: int, seed: int, tokenizer) -> torch.Tensor | None:
     """The initial [n, h] virtual-token embeddings on the first stage (None elsewhere)."""
     if not gpt.pre_process:
@@ -142,6 +160,38 @@ class PromptTuning(PeftMethod):
     @classmethod
     def check_recipe(cls, config, recipe, spec) -> None:
         check_virtual_token_recipe(config.num_virtual_tokens, recipe, spec)
+
+    @classmethod
+    def to_hf_peft(cls, config, tensors, spec):
+        """Hugging Face PEFT's `PROMPT_TUNING` form: the [n, h] table as `prompt_embeddings`.
+
+        HF PEFT (`PeftModelForCausalLM.forward`, and `prepare_inputs_for_generation` at prefill) concatenates
+        the table in front of the input embeddings and runs the base model on n + s positions with default
+        position ids 0 .. n + s - 1 and a causal mask over all of them, as we do (`virtual_tokens`): virtual
+        token i at position i, the real tokens at n, n + 1, ... So the table exports unchanged.
+
+        Generating with the export in peft 0.21.2 under transformers 5 needs `generate(..., use_cache=False)`:
+        peft's `prepare_inputs_for_generation` looks for the KV cache under `past_key_values`, which
+        transformers 5 passes as `cache`, so with a cache it re-injects the virtual tokens at every decode step
+        and the continuation is wrong (`forward` is unaffected).
+
+        Args:
+            config: the method's config (as trained).
+            tensors: the adapter artifact's tensors (`virtual_prompt.prompt` [n, h]).
+            spec: the base model's `ModelSpec`.
+
+        Returns:
+            (adapter_config fields, {"prompt_embeddings": [n, h]}).
+
+        Raises:
+            ConfigError: the artifact holds no [n, h] prompt table.
+        """
+        table = tensors.get(PROMPT_TABLE)
+        expected = (config.num_virtual_tokens, spec.hidden_size)
+        if table is None or tuple(table.shape) != expected:
+            got = "none" if table is None else list(table.shape)
+            raise ConfigError(f"prompt tuning artifact: {PROMPT_TABLE} should be {list(expected)}, got {got}")
+        return hf_prompt_tuning_fields(config.num_virtual_tokens, spec), {"prompt_embeddings": table.contiguous()}
 
     def apply_model_level(self, model):
         n = self.config.num_virtual_tokens
