@@ -42,9 +42,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings read as one `warning: ...` line; others keep Python's format (file and line)."""
+    if category.__module__.startswith("nemo_adapt."):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     # Megatron-Core warns at import when the optional NVIDIA kernels are absent (always on CPU).
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+    warnings.formatwarning = _format_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     # Import only the module of the requested subcommand when it is known.
     only = argv[0] if argv and argv[0] in _SUBCOMMANDS else None

@@ -29,6 +29,12 @@ def _peft_config(meta: dict, where: Path):
     return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+def _registered(name: str | None) -> str | None:
+    from nemo_adapt.models.spec import list_models
+
+    return name if name in list_models() else None
+
+
 def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None) -> Path:
     """Write an adapter artifact in Hugging Face PEFT's format.
 
@@ -60,7 +66,9 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base
     base = base or meta.get("base_checkpoint")
     if not base:
         raise ConfigError(f"{adapter_dir / CONFIG} names no base_checkpoint; pass --base CHECKPOINT")
-    source = open_source(base, meta.get("base_model") if not Path(str(base)).is_dir() else None)
+    # Open the base as the run did: under its registered architecture name when it had one (the
+    # fingerprint covers the name), else as the checkpoint describes itself.
+    source = open_source(base, _registered(meta.get("base_model")))
     trained_on, now = meta.get("base_model_fingerprint"), base_fingerprint(source)
     if trained_on and trained_on != now:
         raise CheckpointError(f"{adapter_dir / CONFIG}: the adapter was trained on base model {trained_on}, but "

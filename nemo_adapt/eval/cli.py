@@ -111,7 +111,10 @@ def register(sub) -> None:
 
     def run(args) -> int:
         result = evaluate_run(args.run_dir, args.max_examples)
-        print(f"{result['label']}: exact match {result['exact_match']:.3f} ({result['correct']}/{result['n']}); "
+        fit = result.get("over_length") or {}
+        note = (f", {fit['truncated']} prompt(s) truncated" if fit.get("truncated") else
+                f", {fit['dropped']} prompt(s) dropped as too long" if fit.get("dropped") else "")
+        print(f"{result['label']}: exact match {result['exact_match']:.3f} ({result['correct']}/{result['n']}{note}); "
               f"written {Path(args.run_dir) / 'eval.json'}", file=sys.stdout, flush=True)
         return 0
 

@@ -198,6 +198,7 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
         size += nbytes
 
     out = cfg.out.resolve()
+    hf.check_replaceable(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -26,6 +26,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from nemo_adapt.models.hf import check_replaceable
+
+    check_replaceable(args.output)  # before any work: the output replaces the directory whole
     if args.format == "peft" or args.adapter:
         from nemo_adapt.errors import ConfigError
 

@@ -505,6 +505,31 @@ def write_metadata(directory: str | os.PathLike, spec: ModelSpec, shard_count: i
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+OUTPUT_MARKERS = ("config.json", "adapter_config.json")
+"""Files every directory nemo-adapt publishes holds (a Hugging Face checkpoint, an adapter, a PEFT export)."""
+
+
+def check_replaceable(final: str | os.PathLike) -> None:
+    """Raise unless `final` may be written: absent, an empty directory, or an earlier output of ours.
+
+    Publishing replaces the destination whole, so a directory holding anything else (a user's notes,
+    a home directory given by mistake) is refused instead of deleted.
+
+    Raises:
+        CheckpointError: `final` is a file, or a non-empty directory without config.json or
+            adapter_config.json.
+    """
+    final = Path(final)
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise CheckpointError(f"output {str(final)!r} is a file; give a directory path (it is created)")
+    if any(final.iterdir()) and not any((final / m).is_file() for m in OUTPUT_MARKERS):
+        raise CheckpointError(f"output directory {str(final)!r} is not empty and is not an earlier export (no "
+                              f"{' or '.join(OUTPUT_MARKERS)}); it would be replaced whole, so it is left alone: "
+                              "choose a new or empty directory")
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written directory into place; an existing one is replaced only afterwards.
 
@@ -516,12 +541,14 @@ def replace_dir(tmp: Path, final: Path) -> None:
         final: where it goes.
 
     Raises:
+        CheckpointError: `final` holds something other than an earlier output (see `check_replaceable`).
         OSError: a mode cannot be set or a rename fails.
     """
     import shutil
 
     from nemo_adapt.file_modes import follow_umask
 
+    check_replaceable(final)
     follow_umask(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old")

@@ -190,6 +190,7 @@ class Adapter(PeftMethod):
 
     config_class = AdapterConfig
     paper = "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP, arXiv:1902.00751"
+    resume_safe_fields = ("dropout", "mode", "activation")
 
     @classmethod
     def to_hf_peft(cls, config, tensors, spec):

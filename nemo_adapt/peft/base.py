@@ -49,6 +49,9 @@ class PeftMethod:
     """Whether the method runs with context parallelism (the sequence split over ranks in attention)."""
     context_parallel_note: ClassVar[str] = ""
     """Why not, when it does not (shown in the preflight error)."""
+    resume_safe_fields: ClassVar[tuple[str, ...]] = ()
+    """Config fields a resume may change (`checkpoint.resume_changes`): they leave the adapter's tensors as
+    they are. Any other field changes what the checkpoint holds (rank, targets, layers, token counts)."""
     tokenizer = None
     """The model's tokenizer, for methods initialised from text (set by `apply_peft`; may stay None)."""
 

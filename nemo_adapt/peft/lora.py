@@ -256,6 +256,7 @@ class LoRA(PeftMethod):
 
     config_class = LoRAConfig
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685"
+    resume_safe_fields = ("alpha", "dropout", "lr_ratio_b")
 
     @classmethod
     def check_recipe(cls, config, recipe, spec):

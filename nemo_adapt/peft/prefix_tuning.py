@@ -218,6 +218,7 @@ class PrefixTuning(PeftMethod):
                              "while context-parallel attention passes keys and values between ranks inside it")
     config_class = PrefixTuningConfig
     paper = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190"
+    resume_safe_fields = ("init_std",)  # used only when the prefix is created
 
     _encoder: PrefixEncoder | None = None
 

@@ -156,6 +156,7 @@ class PromptTuning(PeftMethod):
     context_parallel_note = "virtual tokens are placed at positions 0..n-1 of the whole sequence, which context parallelism splits over ranks"
     config_class = PromptTuningConfig
     paper = "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691"
+    resume_safe_fields = ("init", "init_text", "init_range", "vocab_sample_size")  # used only at creation
 
     @classmethod
     def check_recipe(cls, config, recipe, spec) -> None:

@@ -89,7 +89,11 @@ def run(recipe: str, overrides: list[str]) -> int:
     settings, accepted = resume.resume_settings(cfg), []
     if state is not None:
         # Before any expensive work: a resume that would silently change the run is refused here.
-        accepted = resume.check_settings(state.settings, settings, cfg.checkpoint.resume_changes, str(latest))
+        # A run length in steps is known now; one in epochs only with the data (checked below).
+        sched = resume.schedule_change(state.schedule, state.settings, cfg, state.step, cfg.run.max_steps) \
+            if cfg.run.max_steps else None
+        accepted = resume.check_settings(state.settings, settings, cfg.checkpoint.resume_changes, str(latest),
+                                         schedule=sched)
     preemption = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
 
     p = cfg.parallel
@@ -139,7 +143,7 @@ def run(recipe: str, overrides: list[str]) -> int:
     # The data position is a sample count: it stays exact if the global batch size changed.
     start_step, consumed = (state.step, state.consumed_samples) if state else (0, 0)
     total_steps = cfg.run.max_steps or start_step + steps.steps_for_epochs(cfg.run.max_epochs, consumed)
-    if state is not None:  # a longer or shorter run must not silently re-shape the LR schedule
+    if state is not None and not cfg.run.max_steps:  # a run length in epochs must not re-shape the LR schedule
         accepted += resume.check_schedule(state.schedule, state.settings, cfg, start_step, total_steps,
                                           cfg.checkpoint.resume_changes, str(latest))
     if data.validation is not None and len(data.validation) < plan.global_batch_size:

@@ -86,8 +86,52 @@ def _allowed(entry: str, key: str) -> bool:
     return key == entry or key.startswith(entry + ".")
 
 
+def _tensor_changing(key: str, current: dict) -> bool:
+    """Whether a changed `peft.*` key changes the adapter's tensors (the method says which of its fields do not)."""
+    from nemo_adapt.peft.base import get_peft_method
+
+    if not key.startswith("peft."):
+        return False
+    field = key.split(".", 1)[1]
+    method = get_peft_method(current.get("peft.method", "none"))
+    return field == "method" or method is None or field not in method.resume_safe_fields
+
+
+def schedule_change(saved_schedule: dict | None, saved_settings: dict | None, cfg, start_step: int,
+                    total_steps: int) -> tuple[str, object, object, str] | None:
+    """A changed run length that would change the learning rate of a remaining step, or None.
+
+    Args:
+        saved_schedule: the checkpoint's `schedule_record` (None for checkpoints that predate it).
+        saved_settings: the checkpoint's `resume_settings` (for the duration key to name).
+        cfg: the recipe config.
+        start_step: steps the checkpoint has done.
+        total_steps: the run's length under the recipe.
+
+    Returns:
+        (duration key, old value, new value, what it does to the schedule), or None when every remaining
+        step keeps its learning rate (a constant schedule runs longer unchanged).
+    """
+    from nemo_adapt.training.engine import lr_at
+
+    if saved_schedule is None or saved_schedule["total_steps"] == total_steps:
+        return None
+    old_total = saved_schedule["total_steps"]
+    differs = next((k for k in range(start_step, max(old_total, total_steps))
+                    if lr_of_schedule(saved_schedule, k) != lr_at(k, cfg, total_steps)), None)
+    if differs is None:
+        return None
+    now, saved = resume_settings(cfg), saved_settings or {}
+    key = next((k for k in DURATION_KEYS if saved.get(k) != now.get(k)), DURATION_KEYS[0])
+    note = (f"changes the learning-rate schedule (optim.schedule={cfg.optim.schedule!r} over {old_total} steps becomes "
+            f"{total_steps} steps): step {differs + 1} would get lr {lr_at(differs, cfg, total_steps):.6g} instead of "
+            f"{lr_of_schedule(saved_schedule, differs):.6g}")
+    return key, saved.get(key), now.get(key), note
+
+
 def check_settings(saved: dict | None, current: dict, allowed: list[str], checkpoint: str,
-                   data_changed: tuple[str, str] | None = None) -> list[tuple[str, object, object]]:
+                   data_changed: tuple[str, str] | None = None,
+                   schedule: tuple[str, object, object, str] | None = None) -> list[tuple[str, object, object]]:
     """Compare a checkpoint's settings with the recipe's; refuse changes not named in `allowed`.
 
     Args:
@@ -97,22 +141,27 @@ def check_settings(saved: dict | None, current: dict, allowed: list[str], checkp
         allowed: `checkpoint.resume_changes`: keys or sections (`optim`, `peft`, `data`) allowed to differ.
         checkpoint: the checkpoint's path, for messages.
         data_changed: (old, new) training-data fingerprints when they differ, else None.
+        schedule: a `schedule_change`, else None.
 
     Returns:
         The accepted changes as (key, old, new).
 
     Raises:
-        ConfigError: a setting changed without being allowed (every one is listed, with the override
-            that accepts them), or an `allowed` entry names nothing a resume compares.
+        ConfigError: a setting changed without being allowed, or changed in a way no resume can take
+            (a PEFT field that changes the adapter's tensors) — every one is listed in one message, with
+            the override that accepts the acceptable ones — or an `allowed` entry names nothing a
+            resume compares.
     """
-    changes = []
+    changes: list[tuple[str, object, object, str | None]] = []
     if saved is not None:
         for key in sorted((set(saved) | set(current)) - set(DURATION_KEYS)):
             old, new = saved.get(key, "(absent)"), current.get(key, "(absent)")
             if old != new:
-                changes.append((key, old, new))
+                changes.append((key, old, new, None))
+    if schedule is not None:
+        changes.append(schedule)
     if data_changed is not None:
-        changes.append((DATA, data_changed[0], data_changed[1]))
+        changes.append((DATA, data_changed[0], data_changed[1], None))
     known = set(current) | {DATA}
     for entry in allowed:
         if not any(_allowed(entry, k) for k in known):
@@ -120,53 +169,41 @@ def check_settings(saved: dict | None, current: dict, allowed: list[str], checkp
                               f"allowed: {DATA}, {', '.join(COMPARED_SECTIONS)}, or one of "
                               f"{', '.join(sorted(k for k in current if not k.startswith(COMPARED_SECTIONS)))} "
                               f"or an optim./peft. key")
-    refused = [c for c in changes if not any(_allowed(a, c[0]) for a in allowed)]
-    if refused:
-        lines = "; ".join(f"{k}: {o!r} -> {n!r}" if k != DATA else
-                          f"training data (files or data settings): fingerprint {o} -> {n}" for k, o, n in refused)
-        keys = ",".join(k for k, _, _ in refused)
-        raise ConfigError(f"resuming from {checkpoint!r} would change the run: {lines}. A resume continues the run "
-                          f"the checkpoint was trained with; to accept these changes from the next step, add "
-                          f"checkpoint.resume_changes=[{keys}], or start a new run (another run.name)")
-    return changes
+    fixed = [c for c in changes if _tensor_changing(c[0], current)]
+    refused = [c for c in changes if c not in fixed and not any(_allowed(a, c[0]) for a in allowed)]
+    if fixed or refused:
+        def show(k, o, n, note):
+            if k == DATA:
+                return f"training data (files or data settings): fingerprint {o} -> {n}"
+            return f"{k}: {o!r} -> {n!r}" + (f" {note}" if note else "")
+
+        text = f"resuming from {checkpoint!r} would change the run: " + "; ".join(show(*c) for c in fixed + refused)
+        if fixed:
+            text += (f". {', '.join(c[0] for c in fixed)} change{'s' if len(fixed) == 1 else ''} the adapter's "
+                     f"tensors, which the checkpoint holds as trained: restore "
+                     f"{'it' if len(fixed) == 1 else 'them'} or start a new run (another run.name)")
+        if refused:
+            text += (f". A resume continues the run the checkpoint was trained with; to accept "
+                     f"{'the other changes' if fixed else 'these changes'} from the next step, add "
+                     f"checkpoint.resume_changes=[{','.join(c[0] for c in refused)}]")
+            if not fixed:
+                text += ", or start a new run (another run.name)"
+        raise ConfigError(text)
+    return [(k, o, n) for k, o, n, _ in changes]
 
 
 def check_schedule(saved_schedule: dict | None, saved_settings: dict | None, cfg, start_step: int, total_steps: int,
                    allowed: list[str], checkpoint: str) -> list[tuple[str, object, object]]:
-    """Refuse a changed run length that would change the learning rate of a remaining step.
-
-    Args:
-        saved_schedule: the checkpoint's `schedule_record` (None for checkpoints that predate it).
-        saved_settings: the checkpoint's `resume_settings` (for the duration keys it names).
-        cfg: the recipe config (its `optim` section equals the checkpoint's: `check_settings` ran first).
-        start_step: steps the checkpoint has done.
-        total_steps: the run's length under the recipe.
-        allowed: `checkpoint.resume_changes`.
-        checkpoint: the checkpoint's path, for messages.
+    """Refuse a changed run length that would change the learning rate of a remaining step (see
+    `schedule_change`) unless `allowed` names it; for runs whose length is known only with the data.
 
     Returns:
-        The accepted change as [(duration key, old total steps, new total steps)], or [].
+        The accepted change as [(duration key, old value, new value)], or [].
 
     Raises:
-        ConfigError: the schedule changes and no duration key (or `run`) is in `allowed`.
+        ConfigError: the schedule changes and the duration key is not in `allowed`.
     """
-    from nemo_adapt.training.engine import lr_at
-
-    if saved_schedule is None or saved_schedule["total_steps"] == total_steps:
+    change = schedule_change(saved_schedule, saved_settings, cfg, start_step, total_steps)
+    if change is None:
         return []
-    old_total = saved_schedule["total_steps"]
-    differs = next((k for k in range(start_step, max(old_total, total_steps))
-                    if lr_of_schedule(saved_schedule, k) != lr_at(k, cfg, total_steps)), None)
-    if differs is None:
-        return []  # e.g. a constant schedule: running longer changes no step's learning rate
-    saved_settings = saved_settings or {}
-    key = next((k for k in DURATION_KEYS if saved_settings.get(k) != resume_settings(cfg).get(k)), DURATION_KEYS[0])
-    if any(_allowed(a, key) for a in allowed):
-        return [(key, old_total, total_steps)]
-    old_lr, new_lr = lr_of_schedule(saved_schedule, differs), lr_at(differs, cfg, total_steps)
-    raise ConfigError(
-        f"resuming from {checkpoint!r} would change the run: {key}: {saved_settings.get(key)!r} -> "
-        f"{resume_settings(cfg).get(key)!r} changes the learning-rate schedule (optim.schedule="
-        f"{cfg.optim.schedule!r} over {old_total} steps becomes {total_steps} steps): step {differs + 1} would "
-        f"get lr {new_lr:.6g} instead of {old_lr:.6g}. To accept the new schedule from the next step, add "
-        f"checkpoint.resume_changes=[{key}], or start a new run (another run.name)")
+    return check_settings(None, resume_settings(cfg), allowed, checkpoint, schedule=change)

@@ -28,12 +28,12 @@ def test_changed_batch_and_step_budget_refused_then_accepted_explicitly(tmp_path
     assert proc.returncode != 0
     assert "run.max_steps: 4 -> 6 changes the learning-rate schedule" in proc.stderr
     assert "checkpoint.resume_changes=[run.max_steps]" in proc.stderr
-    # Another global batch size: refused before any work.
+    # Another global batch size as well: both refused in one message, before any work.
     changed = {**first, "run": {"max_steps": 6}, "train": {"global_batch_size": 16}}
     _, proc = _run(tmp_path, "r", tiny_data, cache_env, check=False, **changed)
     assert proc.returncode != 0
-    assert "train.global_batch_size: 8 -> 16" in proc.stderr
-    assert "checkpoint.resume_changes=[train.global_batch_size]" in proc.stderr
+    assert "train.global_batch_size: 8 -> 16" in proc.stderr and "run.max_steps: 4 -> 6" in proc.stderr
+    assert "checkpoint.resume_changes=[train.global_batch_size,run.max_steps]" in proc.stderr
     assert "preparing data" not in proc.stdout
     assert (root / "latest").read_text().strip() == "step_00000004"
 

@@ -18,7 +18,7 @@ def base_dir(tmp_path_factory):
     return write_tiny_hf_checkpoint(tmp_path_factory.mktemp("hf_base") / "tiny_qwen2")
 
 
-def _trained_artifact(base_dir, out, **lora):
+def _trained_artifact(base_dir, out, arch=None, **lora):
     from nemo_adapt.artifacts.adapter import save_adapter
     from nemo_adapt.generation.generate import forward_logits
     from nemo_adapt.models.loader import base_fingerprint, load_model, open_source
@@ -27,7 +27,7 @@ def _trained_artifact(base_dir, out, **lora):
     from nemo_adapt.peft.lora import LoRAConfig
 
     runtime.initialize(runtime.ParallelLayout(), seed=0)
-    source = open_source(str(base_dir))
+    source = open_source(str(base_dir), arch)
     model, source = load_model(source)
     cfg = LoRAConfig(rank=4, alpha=8, **lora)
     apply_peft(model, cfg, seed=0)
@@ -80,3 +80,17 @@ def test_export_refuses_another_base_and_houlsby_adapters(tmp_path, base_dir, ca
     assert main(["export", str(tmp_path / "x"), "--adapter", str(art)]) == 2  # a merged export: not yet
     assert "a merged Hugging Face model from an adapter is not available yet" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_of_an_adapter_trained_on_a_directory_under_a_registered_name(tmp_path, base_dir):
+    """`nemo-adapt run` names the architecture (model.name) for a Hugging Face directory base; the export
+    opens the base the same way, so the fingerprint it checks is the one training recorded."""
+    import shutil
+
+    hf0 = tmp_path / "hf0"
+    shutil.copytree(base_dir, hf0)
+    art = tmp_path / "artifact"
+    _trained_artifact(hf0, art, arch="tiny_qwen2")
+    assert json.loads((art / "adapter_config.json").read_text())["base_model"] == "tiny_qwen2"
+    assert main(["export", str(tmp_path / "peft"), "--adapter", str(art), "--format", "peft"]) == 0
+    assert main(["export", str(tmp_path / "peft2"), "--adapter", str(art), "--format", "peft", "--base", str(hf0)]) == 0

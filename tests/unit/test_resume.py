@@ -164,3 +164,31 @@ def test_stored_schedule_gives_the_checkpoints_learning_rates():
 def test_resume_changes_must_be_a_list_of_names():
     with pytest.raises(ConfigError, match=r"checkpoint.resume_changes=.* must be a list of setting names"):
         _cfg(checkpoint={"resume_changes": [""]})
+
+
+def test_a_peft_change_that_reshapes_the_adapter_is_never_offered_as_acceptable():
+    saved = resume_settings(_cfg())
+    now = resume_settings(_cfg(peft={"rank": 8, "alpha": 32}))
+    for allowed in ([], ["peft.rank", "peft.alpha"], ["peft"]):
+        with pytest.raises(ConfigError) as err:
+            check_settings(saved, now, allowed, "ck")
+        msg = str(err.value)
+        assert "peft.rank: 4 -> 8" in msg and "peft.rank changes the adapter's tensors" in msg
+        assert "resume_changes=[peft.rank" not in msg
+    assert "checkpoint.resume_changes=[peft.alpha]" in str(pytest.raises(ConfigError, check_settings, saved, now, [],
+                                                                         "ck").value)
+    # alpha alone only rescales the update: acceptable when named
+    assert check_settings(saved, resume_settings(_cfg(peft={"alpha": 32})), ["peft.alpha"], "ck") == \
+        [("peft.alpha", 16.0, 32.0)]
+
+
+def test_batch_and_schedule_changes_are_listed_in_one_refusal():
+    from nemo_adapt.training.resume import schedule_change
+
+    old, new = _cfg(), _cfg(run={"max_steps": 6}, train={"global_batch_size": 16})
+    sched = schedule_change(schedule_record(old, 4), resume_settings(old), new, 4, 6)
+    with pytest.raises(ConfigError) as err:
+        check_settings(resume_settings(old), resume_settings(new), [], "ck", schedule=sched)
+    msg = str(err.value)
+    assert "train.global_batch_size: 8 -> 16" in msg and "run.max_steps: 4 -> 6 changes the learning-rate schedule" in msg
+    assert "checkpoint.resume_changes=[train.global_batch_size,run.max_steps]" in msg
