@@ -90,6 +90,11 @@ class ModelSpec:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model {self.name!r}: {key}={value!r} must be a positive integer")
+        # A stop id the model can never emit would silently never stop generation.
+        outside = [i for i in (*self.eos_token_ids, self.bos_token_id) if i is not None and i >= self.vocab_size]
+        if outside:
+            raise ValueError(f"model {self.name!r}: bos/eos token id(s) {outside} are outside the vocabulary "
+                             f"(vocab_size={self.vocab_size}: ids 0..{self.vocab_size - 1})")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"model {self.name!r}: num_attention_heads={self.num_attention_heads} is not a multiple of "

@@ -193,3 +193,13 @@ def test_gguf_end_of_turn_id_is_a_stop_id_and_is_exported(tmp_path):
     assert stop_token_ids(spec) == {2, 0}
     assert generation_config_from_spec(spec)["eos_token_id"] == [2, 0]
     assert hf_config_from_spec(spec)["eos_token_id"] == [2, 0]
+
+
+def test_stop_ids_outside_the_vocabulary_are_refused():
+    from nemo_adapt.errors import CheckpointError
+
+    cfg = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "eos_token_id": [2, 999]}
+    with pytest.raises(CheckpointError, match=r"token id\(s\) \[999\] are outside the vocabulary \(vocab_size=256"):
+        spec_from_hf_config(cfg)
+    assert get_model_spec("tiny_llama").eos_token_ids == (2,)
