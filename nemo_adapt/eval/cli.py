@@ -110,11 +110,11 @@ def register(sub) -> None:
     p.add_argument("--max-examples", type=int, default=None, help="evaluate at most this many test examples")
 
     def run(args) -> int:
+        from nemo_adapt.eval.runner import fit_note
+
         result = evaluate_run(args.run_dir, args.max_examples)
-        fit = result.get("over_length") or {}
-        note = (f", {fit['truncated']} prompt(s) truncated" if fit.get("truncated") else
-                f", {fit['dropped']} prompt(s) dropped as too long" if fit.get("dropped") else "")
-        print(f"{result['label']}: exact match {result['exact_match']:.3f} ({result['correct']}/{result['n']}{note}); "
+        print(f"{result['label']}: exact match {result['exact_match']:.3f} ({result['correct']}/{result['n']}"
+              f"{fit_note(result)}); "
               f"written {Path(args.run_dir) / 'eval.json'}", file=sys.stdout, flush=True)
         return 0
 

@@ -78,6 +78,14 @@ def fit_prompts(prompts: list[list[int]], records: Sequence, budget: int, policy
     return keep, [prompts[i] for i in keep], report
 
 
+def fit_note(result: dict) -> str:
+    """`, N prompt(s) truncated` (or dropped) for a result's score line; empty when every prompt fit."""
+    fit = result.get("over_length") or {}
+    if fit.get("truncated"):
+        return f", {fit['truncated']} prompt(s) truncated"
+    return f", {fit['dropped']} prompt(s) dropped as too long" if fit.get("dropped") else ""
+
+
 def describe_fit(report: dict, split: str = "data.test") -> str | None:
     """One warning line for prompts the policy changed, or None when all fit."""
     n = report["truncated"] or report["dropped"]

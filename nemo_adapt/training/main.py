@@ -353,11 +353,11 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _print_results(results: dict, run_dir: Path, record: dict) -> None:
+    from nemo_adapt.eval.runner import fit_note
+
     for r in results.values():
-        fit = r.get("over_length") or {}
-        note = (f", {fit['truncated']} prompt(s) truncated" if fit.get("truncated") else
-                f", {fit['dropped']} prompt(s) dropped as too long" if fit.get("dropped") else "")
-        print(f"{r['label']:>22}: exact match {r['exact_match']:.3f} ({r['correct']}/{r['n']}{note})", flush=True)
+        print(f"{r['label']:>22}: exact match {r['exact_match']:.3f} ({r['correct']}/{r['n']}{fit_note(r)})",
+              flush=True)
     if "adapted" in results and "baseline" in results and results["baseline"]["exact_match"] > 0:
         ratio = results["adapted"]["exact_match"] / results["baseline"]["exact_match"]
         print(f"{'improvement':>22}: {ratio:.1f}x the baseline", flush=True)
