@@ -210,20 +210,31 @@ def _tokenize_split(path: str, cfg: DataConfig, tokenizer) -> tuple[dict[str, np
     kept_mask: list[list[int]] = []
     truncated = dropped_over_length = dropped_no_answer = 0
     raw_lengths = [len(e.input_ids) for e in examples]
-    for ex in examples:
+    # The first few file lines of each length outcome, so the report can name them.
+    length_lines: dict[str, list[int]] = {"truncated": [], "dropped": []}
+
+    def note(kind: str, record) -> None:
+        if len(length_lines[kind]) < _NAMED_LINES:
+            length_lines[kind].append(record.line)
+
+    for ex, record in zip(examples, rf.records):
         ids, mask = ex.input_ids, ex.answer_mask
         if len(ids) > seq:
             if cfg.over_length == "drop":
                 dropped_over_length += 1
+                note("dropped", record)
                 continue
             ids, mask = ids[:seq], mask[:seq]
             # An answer token only trains when it is a label, i.e. not at position 0.
             if not any(mask[1:]):
                 dropped_no_answer += 1
+                note("dropped", record)
                 continue
             truncated += 1
+            note("truncated", record)
         elif not any(mask[1:]):
             dropped_no_answer += 1
+            note("dropped", record)
             continue
         kept_ids.append(ids)
         kept_mask.append(mask)
@@ -257,6 +268,8 @@ def _tokenize_split(path: str, cfg: DataConfig, tokenizer) -> tuple[dict[str, np
         "dropped": dropped_over_length + dropped_no_answer,
         "dropped_over_length": dropped_over_length,
         "dropped_no_answer": dropped_no_answer,
+        "truncated_lines": length_lines["truncated"],  # first file lines of each, for the report
+        "dropped_lines": length_lines["dropped"],
         # examples whose messages hold special-token text (e.g. "<|im_end|>"), trained as plain text
         "special_token_text": sum(e.special_token_text for e in examples),
         "tokens": tokens,
@@ -377,8 +390,33 @@ def split_skip_warning(name: str, stats: dict) -> str | None:
     return skip_warning(stats.get("file", "?"), stats["skipped"], stats.get("skipped_lines"), key=f"data.{name}")
 
 
+_NAMED_LINES = 5
+"""File lines named per length outcome (truncated, dropped) in a split's stats and report."""
+
+
+def length_note(name: str, stats: dict) -> str | None:
+    """One line naming the first examples truncated or dropped for length (file:line), or None.
+
+    Args:
+        name: split name.
+        stats: the split's stats from `build_datasets`.
+    """
+    parts = []
+    for kind, count in (("truncated", stats.get("truncated", 0)), ("dropped", stats.get("dropped", 0))):
+        lines = stats.get(f"{kind}_lines") or []
+        if count and lines:
+            more = f" and {count - len(lines)} more" if count > len(lines) else ""
+            where = ", ".join(f"{stats.get('file', '?')}:{n}" for n in lines)
+            parts.append(f"{kind} {count} ({where}{more})")
+    if not parts:
+        return None
+    return (f"note: {name} examples longer than data.seq_length={stats['seq_length']} "
+            f"(data.over_length): {'; '.join(parts)}")
+
+
 def print_data_report(data: Datasets, out: TextIO | None = None, err: TextIO | None = None) -> None:
-    """Print each split's stats line, and a warning line for each split with skipped records.
+    """Print each split's stats line, a line naming examples truncated or dropped for length, and a
+    warning line for each split with skipped records.
 
     Args:
         data: what `build_datasets` returned.
@@ -387,6 +425,9 @@ def print_data_report(data: Datasets, out: TextIO | None = None, err: TextIO | N
     """
     for name, stats in data.stats.items():
         print(format_stats(name, stats), file=out or sys.stdout, flush=True)
+        lengths = length_note(name, stats)
+        if lengths is not None:
+            print(lengths, file=out or sys.stdout, flush=True)
         warning = split_skip_warning(name, stats)
         if warning is not None:
             print(warning, file=err or sys.stderr, flush=True)

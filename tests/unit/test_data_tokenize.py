@@ -212,3 +212,24 @@ def test_split_stats_count_examples_with_special_token_text(tmp_path):
     ids, mask = ds.train.example(1)
     eot = _ids_of(char_tok(), "<|im_end|>")
     assert [int(t) for t, m in zip(ids, mask) if m].count(eot) == 1
+
+
+def test_examples_truncated_or_dropped_for_length_are_named_by_line(tmp_path, capsys):
+    import json
+
+    from nemo_adapt.config.schema import DataConfig
+    from nemo_adapt.data import build_datasets
+    from nemo_adapt.data.dataset import print_data_report
+
+    train = tmp_path / "train.jsonl"
+    chats = [("q", "a"), ("x" * 80, "long"), ("q", "b"), ("y" * 90, "long")]
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u},
+                                                      {"role": "assistant", "content": a}]}) + "\n"
+                             for u, a in chats))
+    ds = build_datasets(DataConfig(train=str(train), seq_length=64, cache_dir=str(tmp_path / "c")), char_tok(), seed=0)
+    stats = ds.stats["train"]
+    # truncation keeps the start: the long user turns leave no answer tokens, so both are dropped
+    assert stats["dropped"] == 2 and stats["dropped_lines"] == [2, 4]
+    print_data_report(ds)
+    assert f"note: train examples longer than data.seq_length=64 (data.over_length): dropped 2 ({train}:2, {train}:4)" \
+        in capsys.readouterr().out
