@@ -18,7 +18,7 @@ from nemo_adapt.models.builder import model_chunks
 from nemo_adapt.peft.virtual_tokens import virtual_token_count
 
 
-def test_prompts(tokenizer, records: Sequence, shots: Sequence[dict] = ()) -> list[list[int]]:
+def encode_test_prompts(tokenizer, records: Sequence, shots: Sequence[dict] = ()) -> list[list[int]]:
     """Token ids of each record's prompt (after the few-shot `shots`), with the generation prompt.
 
     Raises:
@@ -122,7 +122,7 @@ def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, sh
     records = list(records)[: cfg.max_examples] if cfg.max_examples else list(records)
     budget = prompt_budget(spec.max_position_embeddings, cfg.max_new_tokens,
                            virtual_token_count(model_chunks(model)[0]))
-    keep, prompts, fit = fit_prompts(test_prompts(tokenizer, records, shots), records, budget, over_length)
+    keep, prompts, fit = fit_prompts(encode_test_prompts(tokenizer, records, shots), records, budget, over_length)
     records = [records[i] for i in keep]
     eos = stop_token_ids(spec, tokenizer)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens)

@@ -199,11 +199,6 @@ class StepData:
             )
         self._orders: dict[int, list[int]] = {}
 
-    @property
-    def steps_per_epoch(self) -> float:
-        """Optimizer steps per pass over the rows (N / G; a step may straddle two epochs)."""
-        return self.rows / self.plan.global_batch_size
-
     def steps_for_epochs(self, max_epochs: float, consumed: int = 0) -> int:
         """Steps still needed to read max_epochs x N samples after `consumed`: ceil((target - consumed) / G).
 

@@ -159,7 +159,13 @@ def check_test_split(cfg, source, tokenizer=None, announce: bool = True) -> dict
             data.over_length=drop) no prompt that fits.
     """
     from nemo_adapt.data.formats import load_records
-    from nemo_adapt.eval.runner import baseline_shots, describe_fit, fit_prompts, prompt_budget, test_prompts
+    from nemo_adapt.eval.runner import (
+        baseline_shots,
+        describe_fit,
+        encode_test_prompts,
+        fit_prompts,
+        prompt_budget,
+    )
     from nemo_adapt.tokenizer import load_tokenizer
 
     d, e = cfg.data, cfg.eval
@@ -172,7 +178,7 @@ def check_test_split(cfg, source, tokenizer=None, announce: bool = True) -> dict
     reports = {}
     test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt,
                         max_record_bytes=d.max_record_bytes, key="data.test")[:limit]
-    _, _, reports["adapted"] = fit_prompts(test_prompts(tokenizer, test), test,
+    _, _, reports["adapted"] = fit_prompts(encode_test_prompts(tokenizer, test), test,
                                            prompt_budget(context, e.max_new_tokens, n_virtual), d.over_length)
     if cfg.peft.method != "none" and e.baseline:
         base = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, max_record_bytes=d.max_record_bytes,
@@ -182,7 +188,7 @@ def check_test_split(cfg, source, tokenizer=None, announce: bool = True) -> dict
             train = load_records(d.train, d.format, "skip", d.system_prompt, max_record_bytes=d.max_record_bytes,
                                  warn=False)
             shots = baseline_shots(train, e.baseline_few_shot, cfg.run.seed)
-        _, _, reports["baseline"] = fit_prompts(test_prompts(tokenizer, base, shots), base,
+        _, _, reports["baseline"] = fit_prompts(encode_test_prompts(tokenizer, base, shots), base,
                                                 prompt_budget(context, e.max_new_tokens), d.over_length,
                                                 split="data.test (prompt-only baseline)")
     if announce:
