@@ -1,4 +1,5 @@
-"""`nemo-adapt generate`: chat with a checkpoint (embedded default, GGUF file or HF directory)."""
+"""`nemo-adapt generate`: chat with a checkpoint (embedded default, GGUF file or HF directory), with an
+adapter (`--adapter`: ours or Hugging Face PEFT) when given, at any TP/PP under torchrun."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a model with its chat template",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompt", nargs="*", help="user message(s); one chat per message (batched)")
-    p.add_argument("--checkpoint", default=EMBEDDED_NAME, help="HF directory, .gguf file or embedded name")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"HF directory, .gguf file or embedded name (default: the adapter's base, else {EMBEDDED_NAME})")
+    p.add_argument("--adapter", default=None, help="an adapter directory to apply (a nemo-adapt artifact or a "
+                   "Hugging Face PEFT adapter); it must belong to the checkpoint")
     p.add_argument("--model", default=None, help="registered architecture to check the checkpoint against")
     p.add_argument("--system", default=None, help="system message (default: the template's own)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -41,8 +45,16 @@ def run(args) -> int:
         raise ConfigError("give at least one non-empty prompt (argument or standard input)")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    # Open and validate the checkpoint before starting process groups or building anything.
-    source = open_source(args.checkpoint, args.model)
+    # Open and validate the checkpoint (and adapter) before starting process groups or building anything.
+    files = None
+    if args.adapter:
+        from nemo_adapt.artifacts.adapter import open_adapter, open_adapter_base
+
+        files = open_adapter(args.adapter)
+        source = open_adapter_base(files, args.checkpoint) if args.model is None else \
+            open_source(args.checkpoint or files.base_checkpoint or EMBEDDED_NAME, args.model)
+    else:
+        source = open_source(args.checkpoint or EMBEDDED_NAME, args.model)
     from nemo_adapt.models.builder import check_layout
 
     check_layout(source.spec, args.tensor_parallel, args.pipeline_parallel)
@@ -59,7 +71,16 @@ def run(args) -> int:
     runtime.initialize(runtime.ParallelLayout(tensor=args.tensor_parallel, pipeline=args.pipeline_parallel),
                        seed=args.seed)
     try:
+        adapter = None
+        if files is not None:
+            from nemo_adapt.artifacts.adapter import apply_adapter, load_adapter
+            from nemo_adapt.peft.base import apply_peft
+
+            adapter = load_adapter(files, source)  # checked against the base before the model is built
         model, source = load_model(source)
+        if adapter is not None:
+            apply_peft(model, adapter.config, seed=args.seed, tokenizer=tok)
+            apply_adapter(model, adapter)
         spec = source.spec
         eos = stop_token_ids(spec, tok)
         outputs = generate(model, ids, params, eos, spec.vocab_size, spec.hidden_size,

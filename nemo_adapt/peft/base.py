@@ -96,6 +96,34 @@ class PeftMethod:
         raise ConfigError(f"peft.method={cls.name} has no Hugging Face PEFT export yet; serve the nemo-adapt "
                           "adapter artifact, or export a merged Hugging Face model where the method merges")
 
+    hf_peft_type: ClassVar[str | None] = None
+    """The `peft_type` of the Hugging Face PEFT adapters this method imports (None: it imports none)."""
+
+    @classmethod
+    def claims_hf_peft(cls, hf_config: dict) -> bool:
+        """Whether a Hugging Face PEFT `adapter_config.json` describes an adapter of this method."""
+        return cls.hf_peft_type is not None and hf_config.get("peft_type") == cls.hf_peft_type
+
+    @classmethod
+    def from_hf_peft(cls, hf_config: dict, tensors: dict[str, torch.Tensor], spec,
+                     base_tensor=None) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+        """A Hugging Face PEFT adapter as this method's config and artifact tensors (the inverse of `to_hf_peft`).
+
+        Args:
+            hf_config: the adapter's `adapter_config.json`.
+            tensors: its `adapter_model.safetensors` (HF PEFT's names, adapter name removed).
+            spec: the base model's `ModelSpec` (every shape is checked against it).
+            base_tensor: `name -> tensor` of the base checkpoint under Hugging Face names, for methods whose
+                conversion needs base weights (DoRA's magnitudes of projections the adapter leaves alone).
+
+        Returns:
+            (the method's config, tensors under the artifact's global Megatron names, full TP-gathered shapes).
+
+        Raises:
+            ConfigError: a setting or tensor this method cannot represent, named with what would work.
+        """
+        raise ConfigError(f"peft.method={cls.name} imports no Hugging Face PEFT adapters")
+
     @classmethod
     def check_recipe(cls, config: PeftConfig, recipe, spec) -> None:
         """Raise ConfigError for recipe settings this method cannot run with (before anything is built).
@@ -198,6 +226,21 @@ def get_peft_method(name: str) -> type[PeftMethod] | None:
         raise ConfigError(f"peft.method={name!r} is not a registered method.{hint} "
                           f"Allowed: {', '.join(list_peft_methods())}")
     return _METHODS[name]
+
+
+def method_for_hf_peft(hf_config: dict, where: str) -> type[PeftMethod]:
+    """The registered method that imports a Hugging Face PEFT adapter described by `hf_config`.
+
+    Raises:
+        ConfigError: no registered method imports its `peft_type` (names the ones that are imported).
+    """
+    _load_methods()
+    for cls in _METHODS.values():
+        if cls.claims_hf_peft(hf_config):
+            return cls
+    known = sorted({c.hf_peft_type for c in _METHODS.values() if c.hf_peft_type})
+    raise ConfigError(f"{where}: Hugging Face PEFT peft_type={hf_config.get('peft_type')!r} has no nemo-adapt "
+                      f"form; adapters of peft_type {', '.join(known)} are imported")
 
 
 def peft_config_class(name: str) -> type[PeftConfig]:

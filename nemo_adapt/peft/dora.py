@@ -281,6 +281,57 @@ class DoRA(LoRA):
                 out[f"base_model.model.model.layers.{layer}.{block}.{proj}.lora_magnitude_vector"] = piece.contiguous()
         return {**fields, "use_dora": True}, out
 
+    @classmethod
+    def claims_hf_peft(cls, hf_config):
+        return hf_config.get("peft_type") == "LORA" and bool(hf_config.get("use_dora", False))
+
+    @classmethod
+    def from_hf_peft(cls, hf_config, tensors, spec, base_tensor=None):
+        """An HF PEFT DoRA adapter (`use_dora: true`) as ours: LoRA's fusing (`LoRA.from_hf_peft`) plus the
+        magnitudes, each projection's vector placed on its output rows of the fused layer.
+
+        A fused layer's rows that HF PEFT leaves alone (k in a q/v adapter, or a whole layer's linear
+        without an adapter) get m = ||W||_c of the base weight, so m / ||W + 0||_c = 1 and those rows stay
+        the base's: that needs the base weights (`base_tensor`). The update s B A is the LoRA part's, so the
+        norm ||W + s B A||_c is HF PEFT's on every row.
+
+        Raises:
+            ConfigError: as LoRA's import; an adapted projection without its magnitude, a magnitude whose
+                length is not the projection's output rows, or base weights needed and not given.
+        """
+        from nemo_adapt.models.weights import _fuse_qkv, hf_shapes
+
+        lora_config, out, mags = cls._lora_from_hf(hf_config, tensors, spec, magnitudes=True)
+        shapes = hf_shapes(spec)
+        blocks = {"self_attn": "self_attention", "mlp": "mlp"}
+        for key in [k for k in out if k.endswith(".adapter.up.weight")]:
+            parts = key.split(".")
+            layer, linear = int(parts[2]), parts[4]
+            block, projs = cls.HF_TARGETS[linear]
+            up = out[key]
+            pieces = []
+            for proj in projs:
+                hf_name = f"model.layers.{layer}.{block}.{proj}"
+                rows = shapes[f"{hf_name}.weight"][0]
+                given = mags.get((layer, linear), {}).get(proj)
+                adapted = f"base_model.model.{hf_name}.lora_A.weight" in tensors
+                if given is not None:
+                    if given.reshape(-1).shape[0] != rows:
+                        raise ConfigError(f"HF PEFT DoRA adapter: the magnitude of layer {layer} {proj} has "
+                                          f"{given.numel()} entries, but the projection has {rows} output rows")
+                    pieces.append(given.reshape(-1).to(up.dtype))
+                elif adapted:
+                    raise ConfigError(f"HF PEFT DoRA adapter: layer {layer} {proj} has lora_A / lora_B but no "
+                                      "lora_magnitude_vector; the adapter is incomplete")
+                elif base_tensor is None:
+                    raise ConfigError(f"HF PEFT DoRA adapter leaves layer {layer} {proj} alone; importing it "
+                                      "needs the base weights (their row norms), which were not given")
+                else:
+                    pieces.append(base_tensor(f"{hf_name}.weight").float().norm(dim=1).to(up.dtype))
+            m = _fuse_qkv(spec, *pieces) if linear == "linear_qkv" else torch.cat(pieces)
+            out[f"decoder.layers.{layer}.{blocks[block]}.{linear}.magnitude.weight"] = m.contiguous()
+        return lora_config, out  # a DoRAConfig: `_lora_from_hf` builds cls.config_class
+
     def transform(self, module, name):
         wrapped = super().transform(module, name)
         if wrapped is module:

@@ -239,6 +239,52 @@ class IA3(PeftMethod):
                   "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}
         return fields, out
 
+    hf_peft_type = "IA3"
+
+    @classmethod
+    def from_hf_peft(cls, hf_config, tensors, spec, base_tensor=None):
+        """An HF PEFT IA3 adapter as ours (the inverse of `to_hf_peft`): `ia3_l` of k_proj / v_proj
+        ([out, 1], scaling outputs) become the key / value vectors, down_proj's ([1, in], a feedforward
+        module scaling its input) the ffn vector. Layers the adapter leaves alone get vectors of ones.
+
+        Raises:
+            ConfigError: a vector on another module (q_proj, o_proj, gate/up_proj, or down_proj scaling its
+                output), `fan_in_fan_out` / `modules_to_save`, or a shape that is not the model's.
+        """
+        import re
+
+        for key in ("fan_in_fan_out", "modules_to_save"):
+            if hf_config.get(key):
+                raise ConfigError(f"HF PEFT IA3 setting {key}={hf_config[key]!r} has no nemo-adapt form")
+        kv = spec.num_query_groups * spec.kv_channels
+        # HF module -> (our target, the shape HF PEFT stores: [out, 1] scales outputs, [1, in] inputs).
+        ours = {"k_proj": ("keys", (kv, 1)), "v_proj": ("values", (kv, 1)), "down_proj": ("ffn", (1, spec.ffn_hidden_size))}
+        pattern = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.ia3_l$")
+        vectors: dict[tuple[int, str], torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            m = pattern.match(name)
+            if m is None or m.group(3) not in ours or int(m.group(1)) >= spec.num_layers:
+                raise ConfigError(f"HF PEFT tensor {name!r} has no nemo-adapt IA3 form: ours scales the outputs of "
+                                  f"k_proj and v_proj and the input of down_proj in layers 0..{spec.num_layers - 1}")
+            target, shape = ours[m.group(3)]
+            if tuple(tensor.shape) != shape:
+                how = "input (a feedforward module)" if shape[0] == 1 else "output"
+                raise ConfigError(f"HF PEFT IA3 vector {name!r} has shape {list(tensor.shape)}; nemo-adapt scales "
+                                  f"{m.group(3)}'s {how}, shape {list(shape)}")
+            vectors[(int(m.group(1)), target)] = tensor.reshape(-1)
+        if not vectors:
+            raise ConfigError("HF PEFT IA3 adapter holds no ia3_l tensors")
+        targets = [t for t in IA3_TARGETS if any(t == target for _, target in vectors)]
+        dtype = next(iter(vectors.values())).dtype
+        out = {}
+        for layer in range(spec.num_layers):
+            for target in targets:
+                linear = "mlp.linear_fc2" if target == "ffn" else "self_attention.linear_qkv"
+                width = spec.ffn_hidden_size if target == "ffn" else kv
+                vec = vectors.get((layer, target), torch.ones(width, dtype=dtype))
+                out[f"decoder.layers.{layer}.{linear}.scaling.{target}"] = vec.contiguous()
+        return cls.config_class(targets=targets), out
+
     def transform(self, module, name):
         from nemo_adapt.peft.lora import linear_kind
 

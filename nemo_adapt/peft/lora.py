@@ -320,6 +320,159 @@ class LoRA(PeftMethod):
                   "use_dora": False, "layers_to_transform": sorted(layers) if config.layers is not None else None}
         return fields, out
 
+    hf_peft_type = "LORA"
+    # Settings of an HF PEFT LoRA that change what it computes and have no form here, with their defaults.
+    HF_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "lora_bias": False,
+                      "layer_replication": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+                      "use_qalora": False}
+
+    @classmethod
+    def claims_hf_peft(cls, hf_config):
+        return hf_config.get("peft_type") == "LORA" and not hf_config.get("use_dora", False)
+
+    @classmethod
+    def from_hf_peft(cls, hf_config, tensors, spec, base_tensor=None):
+        """An HF PEFT LoRA adapter as ours: its projections fused back into linear_qkv / linear_fc1.
+
+        HF PEFT keeps one (A, B) per `nn.Linear`; a fused Megatron layer takes one A for all its outputs.
+        Per fused layer: when every adapted projection has the same A (our own exports, see `to_hf_peft`)
+        it is that A, rank r; otherwise the A's are stacked, [A_q; A_v] of rank r_q + r_v, and each
+        projection's B fills its output rows in its own columns, [[B_q, 0]; [0, 0]; [0, B_v]] for q/k/v,
+        which is the same update (B_q A_q x on q's rows, nothing on k's). Projections and layers without
+        an adapter get zero rows. Every layer is then padded with zero rows of A / columns of B to the
+        largest rank R, and one scale s = alpha / R holds for all: alpha = s_ref * R with s_ref HF PEFT's
+        lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`), and a projection whose `rank_pattern` /
+        `alpha_pattern` gives another scale s_p has its B multiplied by s_p / s_ref. The adapted model
+        computes exactly what `PeftModel` does; further training starts from it (zero-padded parts of a
+        layer receive no gradient through A = 0 unless their B is non-zero).
+
+        Raises:
+            ConfigError: a setting that changes the computation and has no form here (`bias`, `fan_in_fan_out`,
+                `modules_to_save`, ...), a tensor on a module that is not one of the decoder layers' linear
+                projections (embeddings, lm_head), a missing A or B, or a shape that is not the model's.
+        """
+        config, out, _ = cls._lora_from_hf(hf_config, tensors, spec)
+        return config, out
+
+    @classmethod
+    def _lora_from_hf(cls, hf_config, tensors, spec, magnitudes: bool = False):
+        """(LoRAConfig, our tensors, {(layer, linear): {projection: magnitude tensor}}) of an HF PEFT LoRA."""
+        import math
+        import re
+
+        from nemo_adapt.models.weights import _fuse_qkv, hf_shapes
+
+        for key, default in cls.HF_UNSUPPORTED.items():
+            value = hf_config.get(key, default)
+            if value != default and value not in ([], {}, None):
+                raise ConfigError(f"HF PEFT LoRA setting {key}={value!r} has no nemo-adapt form (it needs "
+                                  f"{key}={default!r}); merge the adapter in PEFT and import the merged model instead")
+        of_projection = {proj: (linear, block, i) for linear, (block, projs) in cls.HF_TARGETS.items()
+                         for i, proj in enumerate(projs)}
+        blocks = {"self_attn": "self_attention", "mlp": "mlp"}
+        pattern = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+                             r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$")
+        parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            m = pattern.match(name)
+            if m is None or m.group(3) not in of_projection or of_projection[m.group(3)][1] != m.group(2):
+                raise ConfigError(f"HF PEFT tensor {name!r} is not a LoRA tensor of a decoder layer's q/k/v/o, "
+                                  "gate/up/down projection; adapters on other modules (embeddings, lm_head) "
+                                  "have no nemo-adapt form")
+            kind = m.group(4).split(".")[0]
+            if kind == "lora_magnitude_vector" and not magnitudes:
+                raise ConfigError(f"HF PEFT tensor {name!r} is a DoRA magnitude, but the config has use_dora false")
+            layer = int(m.group(1))
+            if layer >= spec.num_layers:
+                raise ConfigError(f"HF PEFT tensor {name!r} is on layer {layer}, but {spec.name} has layers "
+                                  f"0..{spec.num_layers - 1}")
+            parts.setdefault((layer, m.group(3)), {})[kind] = tensor
+        if not parts:
+            raise ConfigError("HF PEFT LoRA adapter holds no lora_A / lora_B tensors")
+
+        shapes = hf_shapes(spec)
+        r_cfg = int(hf_config.get("r", 8))
+        use_rslora = bool(hf_config.get("use_rslora", False))
+
+        def scale_of(alpha: float, r: int) -> float:
+            return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+        def alpha_for(module_key: str) -> float:
+            for pat, value in (hf_config.get("alpha_pattern") or {}).items():
+                if module_key == pat or re.match(rf"(.*\.)?({pat})$", module_key):
+                    return float(value)
+            return float(hf_config.get("lora_alpha", 8))
+
+        s_ref = scale_of(float(hf_config.get("lora_alpha", 8)), r_cfg)
+        # Per projection: A [r_p, in], B [out_p, r_p] already multiplied by s_p / s_ref.
+        pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for (layer, proj), got in parts.items():
+            where = f"layer {layer} {proj}"
+            if "lora_A" not in got or "lora_B" not in got:
+                raise ConfigError(f"HF PEFT LoRA adapter: {where} has {sorted(got)} but needs lora_A and lora_B")
+            a, b = got["lora_A"], got["lora_B"]
+            out_p, in_p = shapes[f"model.layers.{layer}.{of_projection[proj][1]}.{proj}.weight"]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_p or b.shape[0] != out_p or a.shape[0] != b.shape[1]:
+                raise ConfigError(f"HF PEFT LoRA adapter: {where} has lora_A {list(a.shape)} and lora_B "
+                                  f"{list(b.shape)}; {spec.name} needs [r, {in_p}] and [{out_p}, r]")
+            ratio = scale_of(alpha_for(f"model.layers.{layer}.{of_projection[proj][1]}.{proj}"), a.shape[0]) / s_ref
+            pairs[(layer, proj)] = (a, b if ratio == 1.0 else b * ratio)
+
+        linears = [t for t in LINEAR_TARGETS if any(of_projection[p][0] == t for _, p in pairs)]
+        present_layers = sorted({layer for layer, _ in pairs})
+        fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in present_layers:
+            for linear in linears:
+                block, projs = cls.HF_TARGETS[linear]
+                have = [(p, pairs[(layer, p)]) for p in projs if (layer, p) in pairs]
+                if not have:
+                    continue
+                a0 = have[0][1][0]
+                if all(a.shape == a0.shape and torch.equal(a, a0) for _, (a, _) in have):
+                    down, offsets = a0, {p: 0 for p, _ in have}  # one shared A: rank r
+                else:
+                    down = torch.cat([a for _, (a, _) in have])
+                    starts = [0]
+                    for _, (a, _) in have[:-1]:
+                        starts.append(starts[-1] + a.shape[0])
+                    offsets = {p: s for (p, _), s in zip(have, starts)}
+                rank = down.shape[0]
+                ups = []
+                for p in projs:
+                    out_p = shapes[f"model.layers.{layer}.{block}.{p}.weight"][0]
+                    piece = down.new_zeros(out_p, rank)
+                    if (layer, p) in pairs:
+                        b = pairs[(layer, p)][1]
+                        piece[:, offsets[p]:offsets[p] + b.shape[1]] = b
+                    ups.append(piece)
+                up = _fuse_qkv(spec, *ups) if linear == "linear_qkv" else torch.cat(ups)
+                fused[(layer, linear)] = (down, up)
+        rank = max(d.shape[0] for d, _ in fused.values())
+        alpha = float(hf_config.get("lora_alpha", 8)) if rank == r_cfg and not use_rslora else s_ref * rank
+        out: dict[str, torch.Tensor] = {}
+        for layer in present_layers:
+            for linear in linears:
+                block, projs = cls.HF_TARGETS[linear]
+                prefix = f"decoder.layers.{layer}.{blocks[block]}.{linear}.adapter"
+                if (layer, linear) in fused:
+                    down, up = fused[(layer, linear)]
+                else:  # no adapter on this layer's linear in HF: an all-zero pair computes nothing
+                    in_f = shapes[f"model.layers.{layer}.{block}.{projs[0]}.weight"][1]
+                    out_f = sum(shapes[f"model.layers.{layer}.{block}.{p}.weight"][0] for p in projs)
+                    dtype = next(iter(tensors.values())).dtype
+                    down, up = torch.zeros(0, in_f, dtype=dtype), torch.zeros(out_f, 0, dtype=dtype)
+                pad = rank - down.shape[0]
+                out[f"{prefix}.down.weight"] = torch.cat([down, down.new_zeros(pad, down.shape[1])]).contiguous()
+                out[f"{prefix}.up.weight"] = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1).contiguous()
+        layers = None if len(present_layers) == spec.num_layers else present_layers
+        config = cls.config_class(rank=rank, alpha=alpha, dropout=float(hf_config.get("lora_dropout", 0.0) or 0.0),
+                                  target_modules=linears, layers=layers)
+        mags: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for (layer, proj), got in parts.items():
+            if "lora_magnitude_vector" in got:
+                mags.setdefault((layer, of_projection[proj][0]), {})[proj] = got["lora_magnitude_vector"]
+        return config, out, mags
+
     def apply(self, model, seed=0):
         layers = self.config.layers
         num_layers = model.config.num_layers

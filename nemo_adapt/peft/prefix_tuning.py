@@ -209,6 +209,16 @@ def _rotary_inv_freq(spec) -> torch.Tensor:
                            rope_scaling_factor=rope.factor if rope else 8.0, use_cpu_initialization=True).inv_freq
 
 
+def rotate_keys(key: torch.Tensor, position: int, spec) -> torch.Tensor:
+    """Keys [..., head_dim] rotated by RoPE to `position` (negative: back), as Megatron-Core and transformers
+    rotate (rotate-half layout) with this spec's frequencies; computed in float64, returned as float32."""
+    angle = position * _rotary_inv_freq(spec).double()  # one angle per rotary pair
+    cos, sin = torch.cat([angle, angle]).cos(), torch.cat([angle, angle]).sin()
+    key = key.double()
+    x1, x2 = key.chunk(2, dim=-1)
+    return (key * cos + torch.cat([-x2, x1], dim=-1) * sin).float()
+
+
 @register_peft("prefix_tuning")
 class PrefixTuning(PeftMethod):
     """Prefix tuning (Li & Liang 2021) on every self-attention layer's core attention."""
@@ -301,8 +311,6 @@ class PrefixTuning(PeftMethod):
             except (KeyError, RuntimeError) as err:
                 raise ConfigError(f"prefix tuning artifact: incomplete or misshapen prefix_encoder.*: {err}") from err
         dtype = next(iter(tensors.values())).dtype
-        angle = n * _rotary_inv_freq(spec).double()  # position n, one angle per rotary pair
-        cos, sin = torch.cat([angle, angle]).cos(), torch.cat([angle, angle]).sin()
         layers = []
         for layer in range(spec.num_layers):
             name = f"decoder.layers.{layer}.self_attention.core_attention"
@@ -316,10 +324,7 @@ class PrefixTuning(PeftMethod):
             except (KeyError, RuntimeError) as err:
                 raise ConfigError(f"prefix tuning artifact: layer {layer}'s prefixes are missing or not "
                                   f"{n} x {g} x {d} (tokens x query groups x head dim): {err}") from err
-            key = key.double()
-            # RoPE as Megatron-Core and transformers apply it (rotate-half layout), at position n.
-            x1, x2 = key.chunk(2, dim=-1)
-            key = key * cos + torch.cat([-x2, x1], dim=-1) * sin
+            key = rotate_keys(key, n, spec)
             layers.append(torch.stack([key.float(), value], dim=1))  # [n, 2, g, d]: key then value
         table = torch.stack(layers, dim=1).reshape(n, spec.num_layers * 2 * g * d).to(dtype)
         fields = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": n, "token_dim": g * d,
@@ -328,6 +333,38 @@ class PrefixTuning(PeftMethod):
                   "nemo_adapt": {"prefix_keys": f"rotated by RoPE position {n}: HF PEFT places the real tokens "
                                                 f"at positions {n}.. after the prefix, ours at 0.."}}
         return fields, {"prompt_embeddings": table.contiguous()}
+
+    hf_peft_type = "PREFIX_TUNING"
+
+    @classmethod
+    def from_hf_peft(cls, hf_config, tensors, spec, base_tensor=None):
+        """An HF PEFT `PREFIX_TUNING` adapter as ours (the inverse of `to_hf_peft`): the table
+        [n, L * 2 * g * d] split into each layer's key and value prefixes, the keys rotated back by RoPE
+        position -n (HF PEFT's real tokens sit at n, n + 1, ... behind the prefix, ours at 0, 1, ...).
+        The prefixes are trained directly from then on (`reparameterize: false`): HF PEFT saves the table,
+        not its projection MLP. A table saved by HF PEFT itself with `prefix_projection: true` is the MLP's
+        output, the same table.
+
+        Raises:
+            ConfigError: other tensors, or a table whose layers, KV heads or head size are not the model's.
+        """
+        table = tensors.get("prompt_embeddings")
+        n, layers, g, d = int(hf_config.get("num_virtual_tokens") or 0), spec.num_layers, spec.num_query_groups, spec.kv_channels
+        if set(tensors) != {"prompt_embeddings"} or table is None:
+            raise ConfigError(f"HF PEFT prefix tuning adapter should hold only prompt_embeddings; it holds "
+                              f"{sorted(tensors)[:4]}")
+        if table.dim() != 2 or tuple(table.shape) != (n, layers * 2 * g * d):
+            raise ConfigError(f"HF PEFT prefix tuning table is {list(table.shape)}; num_virtual_tokens={n} on "
+                              f"{spec.name} needs [{n}, {layers * 2 * g * d}] ({layers} layers x key and value x "
+                              f"{g} KV heads x head dim {d})")
+        per_layer = table.reshape(n, layers, 2, g, d)
+        out = {}
+        for layer in range(layers):
+            name = f"decoder.layers.{layer}.self_attention.core_attention"
+            key = rotate_keys(per_layer[:, layer, 0].float(), -n, spec)
+            out[f"{name}.prefix_key"] = key.to(table.dtype).contiguous()
+            out[f"{name}.prefix_value"] = per_layer[:, layer, 1].contiguous()
+        return cls.config_class(num_prefix_tokens=n, reparameterize=False), out
 
     @staticmethod
     def collapse(model) -> int:

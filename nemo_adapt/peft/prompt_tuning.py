@@ -194,6 +194,30 @@ class PromptTuning(PeftMethod):
             raise ConfigError(f"prompt tuning artifact: {PROMPT_TABLE} should be {list(expected)}, got {got}")
         return hf_prompt_tuning_fields(config.num_virtual_tokens, spec), {"prompt_embeddings": table.contiguous()}
 
+    hf_peft_type = "PROMPT_TUNING"
+
+    @classmethod
+    def from_hf_peft(cls, hf_config, tensors, spec, base_tensor=None):
+        """An HF PEFT `PROMPT_TUNING` adapter as ours: `prompt_embeddings` [n, h] is the table, used as is
+        (see `to_hf_peft` for why positions agree). Our p-tuning exports import here too: they are tables.
+
+        Raises:
+            ConfigError: other tensors, more than one transformer submodule (encoder-decoder models), or a
+                table whose width is not the model's hidden size.
+        """
+        table = tensors.get("prompt_embeddings")
+        n = int(hf_config.get("num_virtual_tokens") or 0)
+        if set(tensors) != {"prompt_embeddings"} or table is None:
+            raise ConfigError(f"HF PEFT prompt tuning adapter should hold only prompt_embeddings; it holds "
+                              f"{sorted(tensors)[:4]}")
+        if int(hf_config.get("num_transformer_submodules") or 1) != 1:
+            raise ConfigError("HF PEFT prompt tuning adapter has num_transformer_submodules="
+                              f"{hf_config['num_transformer_submodules']}; a decoder-only model has 1")
+        if table.dim() != 2 or tuple(table.shape) != (n, spec.hidden_size):
+            raise ConfigError(f"HF PEFT prompt tuning table is {list(table.shape)}; num_virtual_tokens={n} on "
+                              f"{spec.name} needs [{n}, {spec.hidden_size}]")
+        return cls.config_class(num_virtual_tokens=n, init="random"), {PROMPT_TABLE: table.contiguous()}
+
     def apply_model_level(self, model):
         n = self.config.num_virtual_tokens
         init = initial_prompt(model, self.config, n, name_seed(self.seed, "virtual_prompt"),

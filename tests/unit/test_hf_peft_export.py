@@ -76,7 +76,7 @@ def test_export_refuses_another_base_and_houlsby_adapters(tmp_path, base_dir, ca
     assert main(["export", str(tmp_path / "x"), "--adapter", str(art), "--format", "peft"]) == 2
     assert "has no Hugging Face PEFT form and cannot be merged into the base weights" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "x"), "--adapter", str(tmp_path), "--format", "peft"]) == 2
-    assert "is not an adapter artifact" in capsys.readouterr().err
+    assert "is not an adapter directory" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "x"), "--adapter", str(art)]) == 2  # a merged export: not yet
     assert "a merged Hugging Face model from an adapter is not available yet" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
