@@ -68,6 +68,26 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"cannot load a tokenizer from {str(path)!r}: {err}") from err
 
 
+def tokenizer_if_any(path: str | os.PathLike, what: str, tool: str):
+    """The checkpoint's tokenizer, or None with a note on stderr when it has none that loads.
+
+    For writers of whole checkpoints (export, merge): a weights-only directory still gives a complete model;
+    saying so beats refusing the export.
+
+    Args:
+        path: as `load_tokenizer`.
+        what: the checkpoint as the user named it (for the note).
+        tool: the command writing, for the note's prefix.
+    """
+    import sys
+
+    try:
+        return load_tokenizer(path)
+    except CheckpointError as err:
+        print(f"{tool}: note: no tokenizer saved ({what!r} has none that loads: {err})", file=sys.stderr)
+        return None
+
+
 def _converted_gguf_tokenizer(gguf_path: Path) -> Path:
     """The cache directory holding the tokenizer converted from `gguf_path` (converted now if needed)."""
     key = {

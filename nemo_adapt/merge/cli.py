@@ -32,8 +32,6 @@ from pathlib import Path
 from nemo_adapt.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
-SHARD_BYTES = 2 * 2**30
-"""Largest output shard (the Hugging Face convention for big checkpoints is a few GB per file)."""
 
 
 @dataclass
@@ -185,17 +183,7 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
         check_spec_matches(spec, src.spec, f"model {m.model!r} (the merge's reference is {ref.location!r})")
     shapes = hf_shapes(spec)
 
-    # Shard plan from the shapes alone: tensors in name order, a new shard once SHARD_BYTES would be passed.
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = itemsize * int(torch.Size(shape).numel())
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
+    shards = hf.plan_shards(shapes, dtype)
 
     out = cfg.out.resolve()
     hf.check_replaceable(out)
@@ -247,14 +235,11 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
 
 
 def _save_tokenizer(source, directory: Path) -> str | None:
-    """Save the reference checkpoint's tokenizer with the merge; say so when it has none (returns where
-    it came from, or None)."""
-    from nemo_adapt.tokenizer import load_tokenizer
+    """Save the reference checkpoint's tokenizer with the merge (returns where it came from, or None)."""
+    from nemo_adapt.tokenizer import tokenizer_if_any
 
-    try:
-        tokenizer = load_tokenizer(source.tokenizer_path)
-    except Exception as err:  # a weights-only directory: the merge is still complete, without a tokenizer
-        print(f"merge: note: no tokenizer saved ({source.location!r} has none that loads: {err})", file=sys.stderr)
+    tokenizer = tokenizer_if_any(source.tokenizer_path, source.location, "merge")
+    if tokenizer is None:
         return None
     tokenizer.save_pretrained(str(directory))
     return source.location

@@ -1,9 +1,10 @@
 """Export a (possibly TP/PP-sharded) Megatron-Core model as a Hugging Face checkpoint directory.
 
 Every TP rank helps gather its stage's tensors; TP rank 0 of the first data-parallel replica of
-each pipeline stage writes that stage's shard, and global rank 0 writes config, tokenizer and the
-index, then moves the directory into place. The layout of the files depends only on the pipeline
-size, never on TP: a TP2 model exports byte-for-byte the same tensors as a TP1 model.
+each pipeline stage writes that stage's tensors to a temporary file, and global rank 0 re-shards them
+by size (`hf.plan_shards`, one output shard in memory at a time), writes config, tokenizer and the
+index, then moves the directory into place. The files depend on neither TP nor PP: a TP2xPP2 model
+exports byte-for-byte the files of a TP1 model with the same weights.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from nemo_adapt.models import hf
 from nemo_adapt.models.spec import ModelSpec
-from nemo_adapt.models.weights import megatron_to_hf
+from nemo_adapt.models.weights import hf_tensor_names, megatron_to_hf
 from nemo_adapt.parallel.staged_write import write_from_stages
 
 
@@ -41,10 +42,34 @@ def export_hf(model, spec: ModelSpec, out_dir: str | os.PathLike, tokenizer=None
     tensors = megatron_to_hf(model, spec, ps.get_tensor_model_parallel_world_size(),
                              ps.get_tensor_model_parallel_group())
 
+    def write_stage(tmp: Path, pp_rank: int, pp: int) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()},
+                  str(tmp / f".stage{pp_rank:03d}.safetensors"))
+
     def finish(tmp: Path) -> None:
-        hf.write_metadata(tmp, spec, ps.get_pipeline_model_parallel_world_size(), dtype)
+        from safetensors import safe_open
+
+        stages = sorted(tmp.glob(".stage*.safetensors"))
+        where = {}
+        for path in stages:
+            with safe_open(str(path), framework="pt") as f:
+                where.update({name: (path, tuple(f.get_slice(name).get_shape())) for name in f.keys()})  # noqa: SIM118
+        order = [n for n in hf_tensor_names(spec) if n in where]
+        order += sorted(set(where) - set(order))
+        shards = hf.plan_shards({n: where[n][1] for n in order}, dtype)
+        for i, names in enumerate(shards):
+            part = {}
+            for name in names:
+                with safe_open(str(where[name][0]), framework="pt") as f:
+                    part[name] = f.get_tensor(name)
+            hf.write_shard(tmp, i, len(shards), part, dtype)
+            del part
+        for path in stages:
+            path.unlink()
+        hf.write_metadata(tmp, spec, len(shards), dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
-    return write_from_stages(out_dir, lambda tmp, pp_rank, pp: hf.write_shard(tmp, pp_rank, pp, tensors, dtype),
-                             finish)
+    return write_from_stages(out_dir, write_stage, finish)

@@ -462,6 +462,29 @@ def open_checkpoint(directory: str | os.PathLike, spec: ModelSpec | None = None)
     return spec, SafetensorsSource(directory, spec)
 
 
+SHARD_BYTES = 2 * 2**30
+"""Largest safetensors shard written (the Hugging Face convention for big checkpoints is a few GB per file)."""
+
+
+def plan_shards(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_bytes: int = SHARD_BYTES) -> list[list[str]]:
+    """Tensor names per output shard: in the given order, a new shard once `max_bytes` would be passed.
+
+    A function of names, shapes and dtype only, so the files of a checkpoint never depend on the layout
+    (TP, PP) or the tool (export, merge) that wrote it.
+    """
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = itemsize * math.prod(shape)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
 def shard_name(index: int, count: int) -> str:
     """File name of shard `index` (0-based) of `count`; a single shard is `model.safetensors`."""
     return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"

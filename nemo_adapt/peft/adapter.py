@@ -192,6 +192,9 @@ class Adapter(PeftMethod):
     paper = "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP, arXiv:1902.00751"
     resume_safe_fields = ("dropout", "mode", "activation")
 
+    merge_note = ("Houlsby adapters add non-linear layers, which no linear weight holds; serve the nemo-adapt "
+                  "adapter artifact with nemo-adapt, or train LoRA, DoRA or IA3 for a merged model")
+
     @classmethod
     def to_hf_peft(cls, config, tensors, spec):
         """Houlsby adapters are extra non-linear layers: HF PEFT has no such adapter type and they cannot be

@@ -96,6 +96,36 @@ class PeftMethod:
         raise ConfigError(f"peft.method={cls.name} has no Hugging Face PEFT export yet; serve the nemo-adapt "
                           "adapter artifact, or export a merged Hugging Face model where the method merges")
 
+    merges_into_base: ClassVar[bool] = False
+    """Whether the trained update folds into the base model's weights (`merge()` on its modules), for a
+    merged export: a plain Hugging Face model that computes what the adapted one does."""
+    merge_note: ClassVar[str] = "it has no form in the base model's weights"
+    """Why it does not fold, and what to do instead (the refusal's wording)."""
+
+    @classmethod
+    def check_mergeable(cls) -> None:
+        """Raise ConfigError, saying why and what to do instead, when this method does not fold into the base."""
+        if not cls.merges_into_base:
+            raise ConfigError(f"peft.method={cls.name} cannot be merged into the base weights: {cls.merge_note}")
+
+    @classmethod
+    def merge_into_base(cls, model) -> int:
+        """Fold every adapted module's update into its base weights, in place, at any TP/PP (each rank folds its
+        own shards: the modules' `merge()`). Returns the number of modules folded.
+
+        Raises:
+            ConfigError: the method does not fold (`check_mergeable`).
+        """
+        cls.check_mergeable()
+        folded = 0
+        with torch.no_grad():
+            for chunk in _chunks(model):
+                for module in chunk.modules():
+                    if hasattr(module, "adapter_enabled") and callable(getattr(module, "merge", None)):
+                        module.merge()
+                        folded += 1
+        return folded
+
     hf_peft_type: ClassVar[str | None] = None
     """The `peft_type` of the Hugging Face PEFT adapters this method imports (None: it imports none)."""
 

@@ -186,6 +186,7 @@ class IA3(PeftMethod):
     config_class = IA3Config
     paper = ("Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than "
              "In-Context Learning, arXiv:2205.05638")
+    merges_into_base = True  # key/value rows of linear_qkv scaled, linear_fc2's input columns scaled
 
     # Our vector -> (HF module path under a decoder layer, whether HF PEFT treats it as feedforward).
     HF_TARGETS = {"keys": ("self_attn.k_proj", False), "values": ("self_attn.v_proj", False),

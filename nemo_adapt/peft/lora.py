@@ -257,6 +257,7 @@ class LoRA(PeftMethod):
     config_class = LoRAConfig
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685"
     resume_safe_fields = ("alpha", "dropout", "lr_ratio_b")
+    merges_into_base = True  # W + s B A (DoRA: m / ||W + s B A||_c * (W + s B A))
 
     @classmethod
     def check_recipe(cls, config, recipe, spec):

@@ -115,6 +115,8 @@ class PTuning(PeftMethod):
     supports_context_parallel = False
     context_parallel_note = "virtual tokens are placed at positions 0..n-1 of the whole sequence, which context parallelism splits over ranks"
     config_class = PTuningConfig
+    merge_note = ("its virtual tokens are extra inputs, not a change of any weight; export it as a Hugging Face PEFT "
+                  "adapter instead (--format peft, PROMPT_TUNING)")
     paper = "Liu et al. 2021, GPT Understands, Too, arXiv:2103.10385"
 
     @classmethod

@@ -227,6 +227,8 @@ class PrefixTuning(PeftMethod):
     context_parallel_note = ("its prefixes are joined to each rank's keys and values around the core attention, "
                              "while context-parallel attention passes keys and values between ranks inside it")
     config_class = PrefixTuningConfig
+    merge_note = ("its prefixes are extra keys and values in every attention layer, not a change of any weight; "
+                  "export it as a Hugging Face PEFT adapter instead (--format peft, PREFIX_TUNING)")
     paper = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190"
     resume_safe_fields = ("init_std",)  # used only when the prefix is created
 

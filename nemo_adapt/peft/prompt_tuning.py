@@ -155,6 +155,8 @@ class PromptTuning(PeftMethod):
     supports_context_parallel = False
     context_parallel_note = "virtual tokens are placed at positions 0..n-1 of the whole sequence, which context parallelism splits over ranks"
     config_class = PromptTuningConfig
+    merge_note = ("its virtual tokens are extra inputs, not a change of any weight; export it as a Hugging Face PEFT "
+                  "adapter instead (--format peft, PROMPT_TUNING)")
     paper = "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691"
     resume_safe_fields = ("init", "init_text", "init_range", "vocab_sample_size")  # used only at creation
 

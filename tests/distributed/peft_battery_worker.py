@@ -10,7 +10,8 @@ For every row of `peft_cases.PEFT_CASES` (or those named with --cases), at one T
    after step 2; the 3 losses;
 3. after training: the adapter artifact (safetensors, TP-gathered); logits under
    `adapters_disabled` (the base again) and its greedy generation; mergeable rows: logits merged
-   and after unmerge;
+   (`merge_into_base`), the merged Hugging Face export (not under an interleaved pipeline) with the
+   adapted logits beside it, and logits after unmerge;
 4. greedy generation of a few tokens with the KV cache (pipeline p2p) and the same tokens found
    without a cache, one full forward per token; one cached decode step's logits vs a full forward;
 5. collapsible rows: logits before and after `collapse`, the count after it, generation and the
@@ -189,9 +190,11 @@ def save(run_dir: Path, ddp, optimizer, step: int, method: str, tp: int, pp: int
 
 def run_case(case, tp: int, pp: int, vp: int | None, out: Path, resume_from: Path | None) -> dict:
     from megatron.core import parallel_state as ps
+    from safetensors.torch import save_file
 
     from nemo_adapt.artifacts.adapter import save_adapter
-    from nemo_adapt.peft.base import adapters_disabled, trainable_parameters
+    from nemo_adapt.models.export import export_hf
+    from nemo_adapt.peft.base import adapters_disabled, get_peft_method, trainable_parameters
     from nemo_adapt.peft.virtual_tokens import collapse
     from nemo_adapt.training import checkpoint as ckpt
     from nemo_adapt.training import engine
@@ -225,9 +228,12 @@ def run_case(case, tp: int, pp: int, vp: int | None, out: Path, resume_from: Pat
     if case.mergeable:
         merged_layers = [m for c in chunks_of(model) for m in c.modules()
                          if hasattr(m, "merge") and hasattr(m, "adapter_enabled")]
-        for m in merged_layers:
-            m.merge()
+        assert get_peft_method(case.peft["method"]).merge_into_base(model) == len(merged_layers)
         rec["merged_vs_adapted"] = max_diff(logits(model, spec), trained)
+        if not isinstance(model, list):  # the merged export (one model chunk per rank)
+            export_hf(model, spec, out / case.id / "merged")
+            if trained is not None:
+                save_file({"logits": trained.contiguous()}, str(out / case.id / "adapted_logits.safetensors"))
         for m in merged_layers:
             m.unmerge()
         with adapters_disabled(model):

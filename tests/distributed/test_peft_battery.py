@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import torchrun
 from tests.distributed.peft_battery_worker import NEW_TOKENS
@@ -164,6 +165,46 @@ def test_adapter_artifact_is_layout_independent(battery, case):
             assert got[key].shape == tensor.shape, f"{layout}: {key} shape"
             delta = (got[key] - tensor).abs().max().item()
             assert delta <= TOL, f"{layout}: {key} differs by {delta}"
+
+
+@pytest.mark.parametrize("case", cases(mergeable=True))
+def test_merged_export_is_layout_independent_and_equals_merge_and_unload(battery, case, monkeypatch):
+    """The adapter folded into the base at each layout writes the same files; the TP2xPP2 one, loaded by
+    transformers, gives our adapted model's logits and those of HF PEFT's `merge_and_unload()` of its export."""
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from nemo_adapt.artifacts.hf_peft import export_peft
+    from nemo_adapt.models.loader import resolve_path
+    from tests.distributed.peft_battery_worker import PROMPTS
+
+    root = Path(battery["tp1"][0]["_out"]).parent
+    ref_dir = root / "tp1" / case.id / "merged"
+    ref = load_file(str(ref_dir / "model.safetensors"))
+    for layout in ("tp2", "pp2", "tp2pp2"):
+        merged = root / layout / case.id / "merged"
+        assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in ref_dir.iterdir()), layout
+        got = load_file(str(merged / "model.safetensors"))
+        assert got.keys() == ref.keys()
+        worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+        assert worst <= TOL, f"{layout}: merged weights differ from TP1's by {worst}"
+
+    out = root / "tp2pp2" / case.id
+    tokens = torch.tensor([PROMPTS[0] + PROMPTS[1]])
+    ours = load_file(str(out / "adapted_logits.safetensors"))["logits"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        merged_logits = hf(tokens).logits
+    assert (merged_logits - ours).abs().max() <= 1e-4
+    monkeypatch.setenv("NEMO_ADAPT_CACHE", str(root / "cache"))  # where the battery's random base lives
+    base = resolve_path("random:tiny_llama")
+    export_peft(out / "artifact", out / "peft", base=str(base))
+    reference = PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(out / "peft"))
+    with torch.no_grad():
+        unloaded = reference.merge_and_unload().eval()(tokens).logits
+    assert (merged_logits - unloaded).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("case", cases())
