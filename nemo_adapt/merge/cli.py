@@ -11,7 +11,9 @@ A merge file, in the spirit of mergekit's:
     dtype: bfloat16                     # float32 | bfloat16 | float16
     out: merged/llama3-8b-support-legal
 
-Models are Hugging Face directories, .gguf files or `embedded:smollm2_135m`. Everything is checked before
+Models are Hugging Face directories, .gguf files, `embedded:smollm2_135m`, or adapter directories (ours or
+Hugging Face PEFT; LoRA, DoRA, IA3), which take part as their base with the adapter folded in; adapters must
+all belong to one base model (fingerprints), `base_model` when it is given. Everything is checked before
 anything is written (method, keys, architectures and every tensor's presence and shape); tensors are then
 streamed: one tensor per input in memory at a time, merged in fp32, cast to `dtype` and written in shards.
 The output appears only when complete: the merged weights, config, tokenizer, and `merge_config.json`
@@ -39,7 +41,7 @@ class MergeModel:
     """One fine-tuned model to merge."""
 
     model: str
-    """Checkpoint: a Hugging Face directory, a .gguf file or `embedded:smollm2_135m`."""
+    """Checkpoint: a Hugging Face directory, a .gguf file, `embedded:smollm2_135m`, or an adapter directory."""
     weight: float = 1.0
     """Its weight in the weighted sum."""
     density: float = 1.0
@@ -165,6 +167,7 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
     import torch
 
     from nemo_adapt.merge import MergeParams, get_merge_method
+    from nemo_adapt.merge.adapter_parent import AdapterParent, is_adapter_dir
     from nemo_adapt.models import hf
     from nemo_adapt.models.hf import check_spec_matches
     from nemo_adapt.models.loader import base_fingerprint, open_source
@@ -174,9 +177,17 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
     params = MergeParams(**{_PARAM_KEYS[k]: v for k, v in cfg.parameters.items()})
     dtype = getattr(torch, cfg.dtype)
 
-    # Open every parent (config and tensor index; no weights) and check they share one architecture.
+    # Open every parent (config and tensor index; no weights) and check they share one architecture; an
+    # adapter parent is its base with the adapter folded in, and every adapter must have the merge's base.
     base = open_source(cfg.base_model) if cfg.base_model else None
-    parents = [open_source(m.model) for m in cfg.models]
+    parents = [AdapterParent(m.model, cfg.base_model) if is_adapter_dir(m.model) else open_source(m.model)
+               for m in cfg.models]
+    adapters = [(m, p) for m, p in zip(cfg.models, parents) if isinstance(p, AdapterParent)]
+    bases = {p.base_fingerprint for _, p in adapters}
+    if len(bases) > 1:
+        said = "; ".join(f"{m.model!r} on {p.base_model_fingerprint_text()}" for m, p in adapters)
+        raise ConfigError(f"{cfg.source or 'merge'}: the adapters belong to different base models ({said}); "
+                          "merged models must share one base")
     ref = base or parents[0]
     spec = ref.spec
     for m, src in zip(cfg.models, parents):
@@ -218,8 +229,10 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
             "parameters": {"lambda": params.lambda_, "normalize": params.normalize, "t": params.t, "seed": params.seed},
             "dtype": cfg.dtype,
             "base_model": ({"model": cfg.base_model, "fingerprint": base_fingerprint(base)} if base else None),
-            "models": [{"model": m.model, "fingerprint": base_fingerprint(src), "weight": m.weight,
-                        "density": m.density} for m, src in zip(cfg.models, parents)],
+            "models": [{"model": m.model, "weight": m.weight, "density": m.density,
+                        **({"fingerprint": base_fingerprint(src)} if not isinstance(src, AdapterParent) else
+                           {"fingerprint": f"adapter@{src.lineage['sha256'][:16]}", **src.lineage})}
+                       for m, src in zip(cfg.models, parents)],
             "architecture": spec.name,
             "tokenizer": tokenizer_from,
             "merge_file": str(cfg.source) if cfg.source else None,
