@@ -284,6 +284,39 @@ def load_adapter(adapter: str | os.PathLike | AdapterFiles, source) -> Adapter:
     return Adapter(files, config, ours)
 
 
+class AdapterSettingWarning(UserWarning):
+    """An adapter's settings replaced the recipe's (`peft.init_from`)."""
+
+
+def settings_from_adapter(recipe: PeftConfig, adapter: Adapter) -> PeftConfig:
+    """The recipe's PEFT config with the settings that shape `adapter` taken from it (`peft.init_from`).
+
+    Every field but the method's `training_fields` (and `method`, `init_from`) comes from the adapter, so the
+    model built from the result holds exactly the adapter's tensors; each replaced value is named, old and
+    new, in one `AdapterSettingWarning`.
+
+    Raises:
+        ConfigError: the adapter is of another method than `peft.method`.
+    """
+    import warnings
+    from dataclasses import fields, replace
+
+    from nemo_adapt.peft.base import get_peft_method
+
+    where = f"peft.init_from={recipe.init_from!r}"
+    if adapter.config.method != recipe.method:
+        raise ConfigError(f"{where} is a {adapter.config.method} adapter ({adapter.files.format}), but "
+                          f"peft.method={recipe.method}; set peft.method={adapter.config.method} to continue it")
+    keep = {"method", "init_from", *get_peft_method(recipe.method).training_fields}
+    changes = {f.name: (getattr(recipe, f.name), getattr(adapter.config, f.name)) for f in fields(recipe)
+               if f.name not in keep and getattr(recipe, f.name) != getattr(adapter.config, f.name)}
+    if changes:
+        said = ", ".join(f"peft.{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        warnings.warn(f"{where}: the adapter's settings replace the recipe's: {said}", AdapterSettingWarning,
+                      stacklevel=2)
+    return replace(recipe, **{k: new for k, (_, new) in changes.items()})
+
+
 def _local_part(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """This TP rank's shard of a full adapter tensor (the inverse of `_gather_full`)."""
     from megatron.core import parallel_state as ps

@@ -18,6 +18,8 @@ anything is written (method, keys, architectures and every tensor's presence and
 streamed: one tensor per input in memory at a time, merged in fp32, cast to `dtype` and written in shards.
 The output appears only when complete: the merged weights, config, tokenizer, and `merge_config.json`
 with the lineage (every parent's fingerprint, method, parameters, code version) and `status: unvalidated`.
+`--validate RUN_DIR` (repeatable) scores the result on each run's test split right after merging and records
+the scores, thresholds and `status: validated` or `failed_validation` (exit status 1) in merge_config.json.
 """
 
 from __future__ import annotations
@@ -247,6 +249,84 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
     return out
 
 
+@dataclass
+class ValidationTask:
+    """One task a merge is validated on (`--validate RUN_DIR`): its test split, and the score to reach."""
+
+    run_dir: Path
+    cfg: object
+    records: list
+    threshold: float
+    threshold_from: str
+
+
+def plan_validation(run_dirs: list[str], min_exact_match: float | None) -> list[ValidationTask]:
+    """Check the validation tasks before merging: each a run directory whose test split the merge is scored on.
+
+    A task passes when the merged model's exact match reaches `min_exact_match`, or, without it, the run's own
+    recorded prompt-only baseline (results.json): a merge that cannot beat prompting the base is no use.
+
+    Raises:
+        ConfigError: not a run directory, no test split, or no threshold (no --min-exact-match and no baseline
+            recorded by the run).
+    """
+    from nemo_adapt.eval.cli import load_task
+
+    tasks = []
+    for run_dir in run_dirs:
+        cfg, records = load_task(run_dir)
+        if min_exact_match is not None:
+            threshold, said = float(min_exact_match), "--min-exact-match"
+        else:
+            results = Path(run_dir) / "results.json"
+            baseline = None
+            if results.is_file():
+                baseline = (json.loads(results.read_text()).get("baseline") or {}).get("exact_match")
+            if baseline is None:
+                raise ConfigError(f"--validate {run_dir}: the run recorded no prompt-only baseline ({results}); "
+                                  "give the score to reach with --min-exact-match")
+            threshold, said = float(baseline), f"the prompt-only baseline of {results}"
+        tasks.append(ValidationTask(Path(run_dir), cfg, records, threshold, said))
+    return tasks
+
+
+def validate_merge(out: Path, tasks: list[ValidationTask], max_examples: int | None = None) -> bool:
+    """Score the merged model on each task, record the outcome in its merge_config.json and print it.
+
+    The status becomes `validated` when every task reaches its threshold, else `failed_validation`; the file is
+    replaced atomically, so it always holds one complete record.
+
+    Returns:
+        Whether every task passed.
+    """
+    import hashlib
+    import os
+
+    from nemo_adapt.eval.cli import evaluate_on_task
+
+    outcomes = []
+    for task in tasks:
+        result = evaluate_on_task(task.cfg, task.records, checkpoint=str(out), model_name=task.cfg.model.name,
+                                  max_examples=max_examples, label="merged")
+        passed = result["exact_match"] >= task.threshold
+        digest = hashlib.sha256(Path(task.cfg.data.test).read_bytes()).hexdigest()
+        outcomes.append({"suite": str(task.run_dir), "test_split": task.cfg.data.test, "test_sha256": digest,
+                         "exact_match": result["exact_match"], "correct": result["correct"], "n": result["n"],
+                         "threshold": task.threshold, "threshold_from": task.threshold_from, "passed": passed})
+        print(f"validate {task.run_dir}: exact match {result['exact_match']:.3f} ({result['correct']}/{result['n']}) "
+              f"{'>=' if passed else '<'} {task.threshold:.3f} ({task.threshold_from}): "
+              f"{'pass' if passed else 'FAIL'}", flush=True)
+    record_path = out / "merge_config.json"
+    record = json.loads(record_path.read_text())
+    ok = all(o["passed"] for o in outcomes)
+    record.update(status="validated" if ok else "failed_validation", validation=outcomes,
+                  validated=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    tmp = record_path.with_name(".merge_config.json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, record_path)
+    return ok
+
+
 def _save_tokenizer(source, directory: Path) -> str | None:
     """Save the reference checkpoint's tokenizer with the merge (returns where it came from, or None)."""
     from nemo_adapt.tokenizer import tokenizer_if_any
@@ -266,12 +346,27 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("merge_file", help="merge YAML (see `nemo-adapt merge --help` and README)")
     p.add_argument("--out", help="output directory (overrides the file's `out`)")
+    p.add_argument("--validate", action="append", default=[], metavar="RUN_DIR",
+                   help="score the merged model on this run's test split right after merging (repeatable); "
+                        "merge_config.json then says validated or failed_validation")
+    p.add_argument("--min-exact-match", type=float, default=None,
+                   help="with --validate: the exact match each task must reach (default: the run's recorded "
+                        "prompt-only baseline)")
+    p.add_argument("--max-examples", type=int, default=None, help="with --validate: at most this many test examples")
 
     def run(args) -> int:
         cfg = load_merge_config(args.merge_file, args.out)
+        if args.min_exact_match is not None and not args.validate:
+            raise ConfigError("--min-exact-match is the score --validate RUN_DIR must reach; pass --validate")
+        tasks = plan_validation(args.validate, args.min_exact_match)  # checked before anything is written
         out = run_merge(cfg)
+        if not tasks:
+            print(f"merged {len(cfg.models)} model(s) with {cfg.merge_method} into {out} "
+                  f"(status unvalidated: evaluate it before use, or merge with --validate RUN_DIR)", flush=True)
+            return 0
+        ok = validate_merge(out, tasks, args.max_examples)
         print(f"merged {len(cfg.models)} model(s) with {cfg.merge_method} into {out} "
-              f"(status unvalidated: evaluate it before use)", flush=True)
-        return 0
+              f"(status {'validated' if ok else 'failed_validation'})", flush=True)
+        return 0 if ok else 1
 
     p.set_defaults(func=run)

@@ -56,6 +56,7 @@ class AdapterConfig(PeftConfig):
     """Biases on the down (bn) and up (hidden) projections."""
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive("peft.bottleneck", self.bottleneck)
         if not isinstance(self.placements, (list, tuple)) or not self.placements:
             raise ConfigError(f"peft.placements={self.placements!r} must be a non-empty list; "
@@ -191,6 +192,7 @@ class Adapter(PeftMethod):
     config_class = AdapterConfig
     paper = "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP, arXiv:1902.00751"
     resume_safe_fields = ("dropout", "mode", "activation")
+    training_fields = ("dropout",)
 
     merge_note = ("Houlsby adapters add non-linear layers, which no linear weight holds; serve the nemo-adapt "
                   "adapter artifact with nemo-adapt, or train LoRA, DoRA or IA3 for a merged model")

@@ -34,9 +34,18 @@ class PeftConfig:
 
     method: str = "none"
     """Registered method name (`none` trains every parameter: full fine-tuning)."""
+    init_from: str | None = None
+    """An adapter directory (a nemo-adapt artifact or a Hugging Face PEFT adapter) of this method and base model
+    whose tensors a fresh run starts from, to continue training it. Its settings that shape the adapter (rank,
+    targets, layers, token counts, alpha, ...) replace the recipe's, with one warning naming each; the
+    recipe keeps its training settings (`training_fields`). A resume starts from its checkpoint instead."""
 
     def __post_init__(self):
-        pass
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ConfigError(f"peft.init_from={self.init_from!r} must be an adapter directory path (or null)")
+        if self.init_from is not None and self.method == "none":
+            raise ConfigError("peft.init_from starts an adapter from a saved one; peft.method=none (full "
+                              "fine-tuning) has no adapter: set model.checkpoint to the weights to start from")
 
 
 class PeftMethod:
@@ -52,6 +61,9 @@ class PeftMethod:
     resume_safe_fields: ClassVar[tuple[str, ...]] = ()
     """Config fields a resume may change (`checkpoint.resume_changes`): they leave the adapter's tensors as
     they are. Any other field changes what the checkpoint holds (rank, targets, layers, token counts)."""
+    training_fields: ClassVar[tuple[str, ...]] = ()
+    """Config fields that change how the adapter trains, not what it is or computes (dropout, learning-rate
+    ratios, how it is initialised): `peft.init_from` keeps the recipe's values for these."""
     tokenizer = None
     """The model's tokenizer, for methods initialised from text (set by `apply_peft`; may stay None)."""
 

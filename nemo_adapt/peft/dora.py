@@ -216,6 +216,7 @@ class DoRA(LoRA):
     config_class = DoRAConfig
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv:2402.09353"
     resume_safe_fields = (*LoRA.resume_safe_fields, "detach_norm")
+    training_fields = (*LoRA.training_fields, "detach_norm")
 
     @classmethod
     def to_hf_peft(cls, config, tensors, spec):

@@ -39,6 +39,7 @@ class IA3Config(PeftConfig):
     """Which activations get a vector: any of keys, values (linear_qkv output), ffn (linear_fc2 input)."""
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.targets, (list, tuple)) or not self.targets:
             raise ConfigError(f"peft.targets={self.targets!r} must be a non-empty list; "
                               f"allowed entries: {', '.join(IA3_TARGETS)}")

@@ -39,6 +39,7 @@ class LoRAConfig(PeftConfig):
     at the rate itself; 1 is plain LoRA. HF PEFT's `loraplus_lr_ratio`; the paper uses 2 to 16."""
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive("peft.rank", self.rank)
         check_positive("peft.alpha", self.alpha, integer=False)
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
@@ -257,6 +258,7 @@ class LoRA(PeftMethod):
     config_class = LoRAConfig
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685"
     resume_safe_fields = ("alpha", "dropout", "lr_ratio_b")
+    training_fields = ("dropout", "lr_ratio_b")
     merges_into_base = True  # W + s B A (DoRA: m / ||W + s B A||_c * (W + s B A))
 
     @classmethod

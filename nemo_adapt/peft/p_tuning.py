@@ -42,6 +42,7 @@ class PTuningConfig(PeftConfig):
     """mlp: Linear layers (2: h -> H -> h as NeMo 1; Hugging Face PEFT uses 3); lstm: stacked LSTM layers."""
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive("peft.num_virtual_tokens", self.num_virtual_tokens)
         check_choice("peft.encoder", self.encoder, ENCODERS)
         if self.encoder_hidden is not None:

@@ -51,6 +51,7 @@ class PrefixTuningConfig(PeftConfig):
     (1.0 = torch.nn.Embedding's default, as Hugging Face PEFT)."""
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive("peft.num_prefix_tokens", self.num_prefix_tokens)
         if not isinstance(self.reparameterize, bool):
             raise ConfigError(f"peft.reparameterize={self.reparameterize!r} must be true or false")
@@ -231,6 +232,7 @@ class PrefixTuning(PeftMethod):
                   "export it as a Hugging Face PEFT adapter instead (--format peft, PREFIX_TUNING)")
     paper = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190"
     resume_safe_fields = ("init_std",)  # used only when the prefix is created
+    training_fields = ("init_std",)
 
     _encoder: PrefixEncoder | None = None
 

@@ -44,6 +44,7 @@ class PromptTuningConfig(PeftConfig):
     BPE ids are roughly ordered by merge frequency)."""
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive("peft.num_virtual_tokens", self.num_virtual_tokens)
         check_choice("peft.init", self.init, PROMPT_INITS)
         if self.init == "text" and not (isinstance(self.init_text, str) and self.init_text.strip()):
@@ -159,6 +160,7 @@ class PromptTuning(PeftMethod):
                   "adapter instead (--format peft, PROMPT_TUNING)")
     paper = "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691"
     resume_safe_fields = ("init", "init_text", "init_range", "vocab_sample_size")  # used only at creation
+    training_fields = resume_safe_fields
 
     @classmethod
     def check_recipe(cls, config, recipe, spec) -> None:

@@ -23,11 +23,15 @@ from nemo_adapt.errors import ConfigError
 
 
 def preflight(cfg, world_size: int, target=None):
-    """Validate everything that can be checked without building the model; return the opened checkpoint.
+    """Validate everything that can be checked without building the model.
 
     Data files must exist and be readable, the base checkpoint must open (config and tensor index, no
-    weights), and the recipe must pass `training.preflight.check_recipe` on `target` (default: this
-    machine) with `world_size` ranks.
+    weights), an adapter to start from (`peft.init_from`) must belong to it (its settings then replace the
+    recipe's in `cfg.peft`), and the recipe must pass `training.preflight.check_recipe` on `target`
+    (default: this machine) with `world_size` ranks.
+
+    Returns:
+        (the opened checkpoint, the `peft.init_from` adapter or None).
 
     Raises:
         ConfigError / CheckpointError / ParallelLayoutError: the first problem found, clearly named.
@@ -44,11 +48,21 @@ def preflight(cfg, world_size: int, target=None):
         if problem is not None:
             raise ConfigError(f"data.{key}={path!r} {problem} (relative paths are from {os.getcwd()!r})")
     source = open_source(cfg.model.checkpoint, cfg.model.name)
+    start = None
+    if cfg.peft.init_from:
+        from nemo_adapt.artifacts.adapter import load_adapter, settings_from_adapter
+        from nemo_adapt.errors import CheckpointError
+
+        try:
+            start = load_adapter(cfg.peft.init_from, source)
+        except (CheckpointError, ConfigError) as err:
+            raise type(err)(f"peft.init_from: {err}") from None
+        cfg.peft = settings_from_adapter(cfg.peft, start)
     check_recipe(cfg, source.spec, world_size, target or Target.here())
     # The test split and evaluation settings too: a bad or over-long test record is named now,
     # not after training.
     check_test_split(cfg, source, announce=int(os.environ.get("RANK", "0")) == 0)
-    return source
+    return source, start
 
 
 _MIN_STEP_SECONDS = float(os.environ.get("NEMO_ADAPT_MIN_STEP_SECONDS", "0") or 0)
@@ -79,7 +93,7 @@ def run(recipe: str, overrides: list[str]) -> int:
 
     # ---------------------------------------------------------------- setup
     cfg = load_recipe(recipe, overrides)
-    source = preflight(cfg, _world_size())
+    source, start_adapter = preflight(cfg, _world_size())
     run_dir = resolve_run_dir(cfg)
     latest = ckpt.latest_checkpoint(run_dir) if run_dir.exists() else None
     if latest is not None and cfg.checkpoint.resume == "never":
@@ -132,6 +146,13 @@ def run(recipe: str, overrides: list[str]) -> int:
     chunks[0].config.calculate_per_token_loss = True  # one TransformerConfig, shared by the chunks
     methods = [apply_peft(c, cfg.peft, seed=cfg.run.seed, tokenizer=tokenizer) for c in chunks]
     method = methods[0]
+    if start_adapter is not None and state is None:  # a resume continues from its checkpoint instead
+        from nemo_adapt.artifacts.adapter import apply_adapter
+
+        apply_adapter(chunks, start_adapter)
+        if main_rank:
+            print(f"adapter starts from peft.init_from={cfg.peft.init_from!r} ({start_adapter.files.format}, "
+                  f"{len(start_adapter.tensors)} tensors)", flush=True)
     n_trainable = _sum_over_model_parallel(trainable_parameters(chunks, unique=True))
     ddp = engine.wrap_ddp(chunks, cfg)
     optimizer = engine.build_optimizer(ddp, cfg, method.lr_multipliers() if method else None)

@@ -57,6 +57,7 @@ def resume_settings(cfg) -> dict:
         out[key] = plain[section][name]
     for section in COMPARED_SECTIONS:
         out.update(_flatten(section, plain[section]))
+    out.pop("peft.init_from", None)  # where a fresh run's adapter started; a resume starts from its checkpoint
     return out
 
 

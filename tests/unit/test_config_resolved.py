@@ -50,7 +50,7 @@ def test_config_to_dict_is_plain_and_in_schema_order(tmp_path):
     d = config_to_dict(load_recipe(path))
     assert list(d) == ["run", "model", "data", "peft", "parallel", "train", "optim", "checkpoint", "logging",
                        "eval", "cluster"]
-    assert d["peft"] == {"method": "lora", "rank": 8, "alpha": 32.0, "dropout": 0.0,
+    assert d["peft"] == {"method": "lora", "init_from": None, "rank": 8, "alpha": 32.0, "dropout": 0.0,
                          "target_modules": ["linear_qkv"], "layers": None, "lr_ratio_b": 1.0}
     assert d["run"]["output_dir"] == "out/2024-05-01"
     yaml.safe_dump(d)  # only YAML-safe types

@@ -184,3 +184,49 @@ def test_import_refuses_what_it_cannot_represent_naming_the_setting_or_tensor(tm
     (pickle_only / "adapter_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(CheckpointError, match="is a pickle and is not loaded"):
         load(base_dir, pickle_only)
+
+
+def test_eval_and_generate_take_an_hf_peft_adapter(tmp_path, capsys, monkeypatch):
+    """`eval RUN --adapter DIR` scores another adapter (here made by `peft`) on the run's task, written beside the
+    run's own results; `generate --adapter DIR` gives PeftModel's greedy tokens."""
+    import transformers
+    from peft import LoraConfig, PeftModel, TaskType
+
+    from nemo_adapt.cli import main
+    from nemo_adapt.config import load_recipe, save_resolved
+    from nemo_adapt.models.loader import resolve_path
+    from nemo_adapt.tokenizer import load_tokenizer
+    from tests.conftest import write_tiny_chat_data, write_tiny_recipe
+
+    monkeypatch.setenv("NEMO_ADAPT_CACHE", str(tmp_path / "cache"))
+    base = resolve_path("random:tiny_llama")
+    _peft_made(base, tmp_path / "hf_lora", LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8,
+                                                      target_modules=["q_proj", "v_proj", "down_proj"]), scale=1.0)
+    data = write_tiny_chat_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    save_resolved(load_recipe(write_tiny_recipe(tmp_path, data, eval={"max_new_tokens": 6})), run_dir / "config.yaml")
+    assert main(["eval", str(run_dir), "--adapter", str(tmp_path / "hf_lora")]) == 0
+    written = json.loads((run_dir / "eval_hf_lora.json").read_text())
+    assert written["adapter_format"] == "hf-peft" and written["n"] == 16
+    assert not (run_dir / "eval.json").exists()
+    assert "written" in capsys.readouterr().out
+
+    tok = load_tokenizer(base)
+    prompt = "abcd"
+    assert main(["generate", "--adapter", str(tmp_path / "hf_lora"), "--checkpoint", str(base), "--raw",
+                 "--max-new-tokens", "8", prompt]) == 0
+    ours = capsys.readouterr().out.strip()
+    assert ours, "nothing generated: the comparison would say nothing"
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base)),
+                                      str(tmp_path / "hf_lora")).eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                             eos_token_id=list(load_tokenizer(base).all_special_ids), pad_token_id=0)
+    assert ours == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    # a hub id as base_model_name_or_path, no --checkpoint: no hub is reached, so the base must be given
+    config = json.loads((tmp_path / "hf_lora" / "adapter_config.json").read_text())
+    (tmp_path / "hf_lora" / "adapter_config.json").write_text(json.dumps(
+        {**config, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    assert main(["generate", "--adapter", str(tmp_path / "hf_lora"), "hello"]) == 2
+    assert "which is not a local checkpoint (no model hub is reached)" in capsys.readouterr().err

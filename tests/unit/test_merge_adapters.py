@@ -105,3 +105,43 @@ def test_adapter_parents_are_refused_before_anything_is_written(tmp_path, base_d
         err = capsys.readouterr().err
         assert message in err, (i, err)
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*")), "a partial output was left"
+
+
+def test_validate_scores_the_merge_on_a_run_task_and_records_it(tmp_path, capsys, monkeypatch):
+    """`--validate RUN_DIR`: the run's test split scores the merged model right after merging; the status,
+    scores and thresholds land in merge_config.json; a bad task is refused before anything is written."""
+    from nemo_adapt.config import load_recipe, save_resolved
+    from nemo_adapt.models.loader import resolve_path
+    from tests.conftest import write_tiny_chat_data, write_tiny_recipe
+
+    monkeypatch.setenv("NEMO_ADAPT_CACHE", str(tmp_path / "cache"))
+    data = write_tiny_chat_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    recipe = write_tiny_recipe(tmp_path, data, eval={"enabled": True, "max_new_tokens": 6})
+    save_resolved(load_recipe(recipe), run_dir / "config.yaml")
+    base = str(resolve_path("random:tiny_llama"))  # has a tokenizer, which the merge carries over
+    merge_file = tmp_path / "m.yaml"
+    merge_file.write_text(json.dumps({"merge_method": "linear", "models": [base, base], "dtype": "float32",
+                                      "out": str(tmp_path / "merged")}))
+
+    # No threshold: the run recorded no baseline, so --min-exact-match is needed; refused before writing.
+    assert main(["merge", str(merge_file), "--validate", str(run_dir)]) == 2
+    assert "recorded no prompt-only baseline" in capsys.readouterr().err
+    assert main(["merge", str(merge_file), "--validate", str(tmp_path / "nowhere")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+    assert main(["merge", str(merge_file), "--validate", str(run_dir), "--min-exact-match", "0"]) == 0
+    record = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert record["status"] == "validated"
+    (outcome,) = record["validation"]
+    assert outcome["n"] == 16 and outcome["threshold"] == 0.0 and outcome["passed"] is True
+    assert outcome["test_sha256"] and outcome["threshold_from"] == "--min-exact-match"
+    assert "validate" in capsys.readouterr().out
+
+    # A threshold the random model cannot reach: recorded as failed, exit status 1.
+    (run_dir / "results.json").write_text(json.dumps({"baseline": {"exact_match": 0.5}}))
+    assert main(["merge", str(merge_file), "--validate", str(run_dir)]) == 1
+    record = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert record["status"] == "failed_validation" and record["validation"][0]["threshold"] == 0.5
+    assert "FAIL" in capsys.readouterr().out
