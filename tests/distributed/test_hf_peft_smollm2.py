@@ -1,0 +1,209 @@
+"""Adapters out and in at SmolLM2-135M scale (the embedded model, exported to a Hugging Face directory once):
+every method's HF PEFT export gives our logits and greedy tokens; an adapter made by `peft` itself imports and
+gives `PeftModel`'s logits; a LoRA folded into the weights at TP3 under torchrun writes the TP1 files and gives
+our adapted model's and `merge_and_unload()`'s logits."""
+
+import json
+
+import pytest
+import torch
+
+from nemo_adapt.cli import main
+from tests.conftest import torchrun
+
+pytestmark = [pytest.mark.megatron, pytest.mark.slow]
+NEW_TOKENS = 16
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    assert main(["export", str(out), "--checkpoint", "embedded:smollm2_135m"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_hf):
+    from nemo_adapt.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_hf)
+    texts = ["The capital of France is", "def fibonacci(n):", "Printer on floor 3 is jammed. Team:",
+             "Once upon a time there"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    n = min(len(i) for i in ids)
+    return torch.tensor([i[:n] for i in ids])  # equal lengths: no padding on either side
+
+
+def _ours(base, prompts, peft: dict | None = None, adapter_dir=None, out=None, scale: float = 0.01):
+    """Our model on `base`: with a method applied and its weights randomised (saved to `out`), or with the adapter
+    at `adapter_dir` loaded. Returns (logits, greedy tokens).
+
+    `scale` 0.01 moves SmolLM2's logits by about 1 to 5, as brief training does; much larger random updates
+    wreck the model (logits moved by 17 to 33 at 0.05) and amplify float32 rounding past 1e-4 on both sides
+    (the base models alone differ by 6e-5 on these prompts)."""
+    from nemo_adapt.artifacts.adapter import apply_adapter, load_adapter, save_adapter
+    from nemo_adapt.generation.generate import SamplingParams, forward_logits, generate
+    from nemo_adapt.models.loader import base_fingerprint, load_model, open_source
+    from nemo_adapt.parallel import runtime
+    from nemo_adapt.peft.base import apply_peft, peft_config_class
+
+    runtime.initialize(runtime.ParallelLayout(), seed=0)
+    source = open_source(str(base))
+    adapter = load_adapter(adapter_dir, source) if adapter_dir is not None else None
+    model, source = load_model(source)
+    spec = source.spec
+    config = adapter.config if adapter is not None else peft_config_class(peft["method"])(**peft)
+    apply_peft(model, config, seed=0)
+    if adapter is not None:
+        apply_adapter(model, adapter)
+    elif peft["method"] == "prefix_tuning":
+        _prefix_from_activations(model, base, spec)
+        save_adapter(model, out, config, {"base_model": spec.name, "base_checkpoint": str(base),
+                                          "base_model_fingerprint": base_fingerprint(source)})
+    else:
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # every adapter weight away from its start, as training leaves them
+            for name, p in model.named_parameters():
+                if getattr(p, "is_adapter", False):
+                    noise = torch.randn(p.shape, generator=gen)
+                    identity_start = name.endswith("magnitude.weight") or ".scaling." in name
+                    p.copy_(p * (1 + scale * noise) if identity_start else
+                            (p + scale * noise if "virtual_prompt" in name or "prefix" in name else scale * noise))
+        save_adapter(model, out, config, {"base_model": spec.name, "base_checkpoint": str(base),
+                                          "base_model_fingerprint": base_fingerprint(source)})
+    logits = forward_logits(model, prompts, spec.vocab_size, spec.hidden_size)
+    tokens = generate(model, prompts.tolist(), SamplingParams(max_new_tokens=NEW_TOKENS), set(), spec.vocab_size,
+                      spec.hidden_size)
+    return logits, tokens
+
+
+CONTEXT = "You sort IT support tickets by team and priority."
+
+
+@torch.no_grad()
+def _prefix_from_activations(model, base, spec) -> int:
+    """Set a prefix-tuning model's prefixes to the keys and values SmolLM2 computes for a real text (Li & Liang
+    2021's initialisation from real activations): the model then reads as if that text came first, as a trained
+    prefix does. Random prefixes (any scale) instead wreck SmolLM2, whose attention sink they compete with:
+    logits move by 30 to 45, and float32 rounding on both sides grows past 1e-4. Returns the prefix length."""
+    from nemo_adapt.peft.prefix_tuning import rotate_keys
+    from nemo_adapt.tokenizer import load_tokenizer
+
+    ids = torch.tensor([load_tokenizer(base)(CONTEXT)["input_ids"]])
+    cache = _hf(base)(ids, use_cache=True).past_key_values
+    n = ids.shape[1]
+    params = dict(model.named_parameters())
+    for layer in range(spec.num_layers):
+        name = f"decoder.layers.{layer}.self_attention.core_attention"
+        keys = cache.layers[layer].keys[0].transpose(0, 1)  # [n, kv heads, head dim], rotated to positions 0..n-1
+        # Ours carry no position; HF PEFT's real tokens sit at n.. behind them, ours at 0..: rotate back by n.
+        params[f"{name}.prefix_key"].copy_(rotate_keys(keys, -n, spec))
+        params[f"{name}.prefix_value"].copy_(cache.layers[layer].values[0].transpose(0, 1))
+    return n
+
+
+def _hf(base):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+
+
+def _peft_logits_and_tokens(base, peft_dir, prompts, generate=True):
+    """PeftModel's logits on `prompts` and its greedy continuation: with `generate` (KV cache), else one full
+    `PeftModel.forward` per token. peft 0.21.2's `generate` under transformers 5 mis-decodes prompt-learning
+    adapters (README): with a cache it re-injects the virtual tokens, and without one its prefix-tuning positions
+    drift from `forward`'s after a few tokens on SmolLM2, so those are decoded by forwards."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_hf(base), str(peft_dir)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=prompts).logits[:, -prompts.shape[1]:]
+        if generate:
+            out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
+        else:
+            out = prompts
+            for _ in range(NEW_TOKENS):
+                out = torch.cat([out, model(input_ids=out).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return logits, out[:, prompts.shape[1]:].tolist()
+
+
+METHODS = [
+    {"method": "lora", "rank": 8, "alpha": 16},
+    {"method": "dora", "rank": 8, "alpha": 16},
+    {"method": "ia3"},
+    {"method": "prompt_tuning", "num_virtual_tokens": 8, "init": "vocab"},
+    {"method": "p_tuning", "num_virtual_tokens": 8},
+    {"method": "prefix_tuning", "num_prefix_tokens": 10, "reparameterize": False},  # CONTEXT's 10 tokens
+]
+
+
+@pytest.mark.parametrize("peft", METHODS, ids=[m["method"] for m in METHODS])
+def test_smollm2_export_of_every_method_gives_our_logits_and_tokens(tmp_path, smollm2_hf, prompts, peft):
+    ours, our_tokens = _ours(smollm2_hf, prompts, peft, out=tmp_path / "artifact")
+    assert main(["export", str(tmp_path / "peft"), "--adapter", str(tmp_path / "artifact"), "--format", "peft"]) == 0
+    virtual = peft["method"] in ("prompt_tuning", "p_tuning", "prefix_tuning")
+    theirs, their_tokens = _peft_logits_and_tokens(smollm2_hf, tmp_path / "peft", prompts, generate=not virtual)
+    with torch.no_grad():
+        base = _hf(smollm2_hf)(prompts).logits
+    assert (theirs - base).abs().max() > 1e-2, "the adapter changed nothing"
+    diff = (theirs - ours).abs().max().item()
+    assert diff <= TOL, f"max |logit difference| {diff:.3g}"
+    assert their_tokens == our_tokens
+
+
+def test_smollm2_adapter_made_by_peft_imports_with_peft_model_logits(tmp_path, smollm2_hf, prompts):
+    """`get_peft_model` on the Hugging Face export of SmolLM2, weights randomised: our logits within 1e-4, and
+    export -> import gives the same tensors back."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from safetensors.torch import load_file
+
+    model = get_peft_model(_hf(smollm2_hf), LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
+                                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.01 * torch.randn(p.shape, generator=gen))
+        theirs = model.eval()(input_ids=prompts).logits
+    model.save_pretrained(str(tmp_path / "made_by_peft"))
+    ours, _ = _ours(smollm2_hf, prompts, adapter_dir=tmp_path / "made_by_peft")
+    assert (theirs - _hf(smollm2_hf)(prompts).logits).abs().max() > 1e-2
+    diff = (theirs - ours).abs().max().item()
+    assert diff <= TOL, f"max |logit difference| {diff:.3g}"
+
+    # ours -> HF PEFT -> ours: the same tensors
+    _ours(smollm2_hf, prompts, {"method": "lora", "rank": 8, "alpha": 16}, out=tmp_path / "artifact")
+    assert main(["export", str(tmp_path / "peft"), "--adapter", str(tmp_path / "artifact"), "--format", "peft"]) == 0
+    from nemo_adapt.artifacts.adapter import load_adapter
+    from nemo_adapt.models.loader import open_source
+
+    back = load_adapter(tmp_path / "peft", open_source(str(smollm2_hf)))
+    saved = load_file(str(tmp_path / "artifact" / "adapter_model.safetensors"))
+    assert back.tensors.keys() == saved.keys() and all(torch.equal(back.tensors[k], saved[k]) for k in saved)
+
+
+def test_smollm2_lora_merged_at_tp3_equals_tp1_our_model_and_merge_and_unload(tmp_path, smollm2_hf, prompts):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    ours, _ = _ours(smollm2_hf, prompts, {"method": "lora", "rank": 8, "alpha": 16}, out=tmp_path / "artifact")
+    art = str(tmp_path / "artifact")
+    assert main(["export", str(tmp_path / "tp1"), "--adapter", art]) == 0
+    torchrun(3, "-m nemo_adapt.cli", "export", str(tmp_path / "tp3"), "--adapter", art, "--tensor-parallel", "3",
+             timeout=900)
+    tp1, tp3 = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("tp1", "tp3"))
+    assert tp1.keys() == tp3.keys()
+    worst = max((tp1[k] - tp3[k]).abs().max().item() for k in tp1)
+    assert worst <= 1e-6, f"TP3's fold differs from TP1's by {worst}"
+    assert sorted(p.name for p in (tmp_path / "tp3").iterdir()) == sorted(p.name for p in (tmp_path / "tp1").iterdir())
+    with torch.no_grad():
+        merged = _hf(tmp_path / "tp3")(prompts).logits
+    assert (merged - ours).abs().max() <= TOL
+    assert main(["export", str(tmp_path / "peft"), "--adapter", art, "--format", "peft"]) == 0
+    unloaded = PeftModel.from_pretrained(_hf(smollm2_hf), str(tmp_path / "peft")).merge_and_unload().eval()
+    with torch.no_grad():
+        assert (merged - unloaded(prompts).logits).abs().max() <= TOL
+    assert json.loads((tmp_path / "tp3" / "config.json").read_text())["model_type"] == "llama"
