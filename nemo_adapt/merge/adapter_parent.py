@@ -60,6 +60,9 @@ class AdapterParent:
         self.fields, tensors = method.to_hf_peft(adapter.config, adapter.tensors, self.source.spec)
         self.hf = {k[len(PREFIX):]: v.float() for k, v in tensors.items()}
         self.spec = self.source.spec
+        from nemo_adapt.models.weights import hf_shapes
+
+        self.shapes = hf_shapes(self.spec)
         self.tokenizer_path = self.source.tokenizer_path
         self.location = str(path)
         self.base_fingerprint = base_fingerprint(self.source)
@@ -74,19 +77,27 @@ class AdapterParent:
 
     def tensors(self, name: str) -> torch.Tensor:
         """The folded model's tensor `name` (Hugging Face name), float32."""
-        w = self.source.tensors(name).float()
+        return self.rows(name, 0, self.shapes[name][0])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the folded model's tensor `name`, float32 (every fold acts on whole rows:
+        LoRA's B A and DoRA's norms are per output row; IA3 scales rows, or every row's columns)."""
+        from nemo_adapt.merge.cli import read_rows
+
+        w = read_rows(self.source, name, start, stop)
         module, _, leaf = name.rpartition(".")
         f = self.fields
         if f["peft_type"] == "LORA" and leaf == "weight" and f"{module}.lora_A.weight" in self.hf:
-            v = w + (f["lora_alpha"] / f["r"]) * (self.hf[f"{module}.lora_B.weight"] @ self.hf[f"{module}.lora_A.weight"])
+            b = self.hf[f"{module}.lora_B.weight"][start:stop]
+            v = w + (f["lora_alpha"] / f["r"]) * (b @ self.hf[f"{module}.lora_A.weight"])
             if f.get("use_dora"):
-                m = self.hf[f"{module}.lora_magnitude_vector"]
+                m = self.hf[f"{module}.lora_magnitude_vector"][start:stop]
                 v = (m / v.norm(p=2, dim=1))[:, None] * v
             return v
         if f["peft_type"] == "IA3" and f"{module}.ia3_l" in self.hf:
             scale = self.hf[f"{module}.ia3_l"]
             if leaf == "weight":
-                return w * scale  # [out, 1] scales rows, [1, in] columns
+                return w * (scale[start:stop] if scale.shape[1] == 1 else scale)  # [out, 1] rows, [1, in] columns
             if leaf == "bias" and scale.shape[1] == 1:
-                return w * scale[:, 0]  # an output scale applies to the bias too
+                return w * scale[start:stop, 0]  # an output scale applies to the bias too
         return w

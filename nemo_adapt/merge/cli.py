@@ -166,10 +166,15 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
         CheckpointError / ConfigError: a parent cannot be opened, architectures differ, a tensor is missing
             or misshapen; raised before anything is written.
     """
+    import dataclasses
+    import functools
+    import math
+
     import torch
 
     from nemo_adapt.merge import MergeParams, get_merge_method
     from nemo_adapt.merge.adapter_parent import AdapterParent, is_adapter_dir
+    from nemo_adapt.merge.methods import MagnitudeTrim, block_seed
     from nemo_adapt.models import hf
     from nemo_adapt.models.hf import check_spec_matches
     from nemo_adapt.models.loader import base_fingerprint, open_source
@@ -208,19 +213,30 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
         densities = [float(m.density) for m in cfg.models]
         done, total, start = 0, len(shapes), time.perf_counter()
         for i, names in enumerate(shards):
-            merged = {}
+            writer = hf.ShardWriter(tmp / hf.shard_name(i, len(shards)), {n: shapes[n] for n in names}, dtype)
             for name in names:
-                # One tensor per input in memory (fp32), merged, cast; the inputs are dropped right after.
-                tensors = [src.tensors(name) for src in parents]
-                base_t = base.tensors(name) if base is not None else None
-                merged[name] = method.fn(base_t, tensors, weights, densities, params).to(dtype)
-                del tensors, base_t
+                # Elementwise methods take a few MiB of rows of every input at a time; the others one whole
+                # tensor per input (fp32). Each block is merged, cast and written at once: nothing accumulates.
+                blocks = _blocks(shapes[name], method.elementwise)
+                trims = None
+                if method.trims_by_magnitude:  # TIES: each task vector's trim threshold first, block by block
+                    trims = [MagnitudeTrim(functools.partial(_task_vector_blocks, src, base, name, blocks),
+                                           math.prod(shapes[name]), rho) for src, rho in zip(parents, densities)]
+                for a, b in blocks:
+                    tensors = [read_rows(src, name, a, b) for src in parents]
+                    base_t = read_rows(base, name, a, b) if base is not None else None
+                    block_densities = densities
+                    if trims is not None:
+                        tensors = [base_t + trim.apply(t - base_t) for t, trim in zip(tensors, trims)]
+                        block_densities = [1.0] * len(tensors)  # trimmed already
+                    block_params = dataclasses.replace(params, seed=block_seed(params.seed, name, a))
+                    writer.write(name, method.fn(base_t, tensors, weights, block_densities, block_params))
+                    del tensors, base_t
                 done += 1
                 if progress and (done % 20 == 0 or done == total):
                     print(f"\rmerge: {done}/{total} tensors, {time.perf_counter() - start:.0f} s", end="",
                           file=sys.stderr, flush=True)
-            hf.write_shard(tmp, i, len(shards), merged, dtype)
-            del merged
+            writer.close()
         if progress:
             print(file=sys.stderr, flush=True)
         hf.write_metadata(tmp, spec, len(shards), dtype)
@@ -325,6 +341,40 @@ def validate_merge(out: Path, tasks: list[ValidationTask], max_examples: int | N
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, record_path)
     return ok
+
+
+BLOCK_BYTES = 4 * 2**20
+"""Float32 bytes of one input's block of rows when a method is elementwise (a few MiB: the peak stays a
+small multiple of it per input, whatever the model's size)."""
+
+
+def _blocks(shape: tuple[int, ...], elementwise: bool) -> list[tuple[int, int]]:
+    """Row ranges [a, b) covering a tensor's first dimension: BLOCK_BYTES per block for elementwise methods,
+    one range (the whole tensor) otherwise."""
+    import math
+
+    rows = shape[0] if shape else 1
+    if not elementwise or not shape:
+        return [(0, rows)]
+    step = max(1, BLOCK_BYTES // (4 * math.prod(shape[1:])))  # float32 bytes per row
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _task_vector_blocks(src, base, name: str, blocks: list[tuple[int, int]]):
+    """The task vector (model - base) of tensor `name`, block by block."""
+    for a, b in blocks:
+        yield read_rows(src, name, a, b) - read_rows(base, name, a, b)
+
+
+def read_rows(src, name: str, start: int, stop: int):
+    """Rows [start, stop) of tensor `name` of a merge input (an opened checkpoint or an adapter parent),
+    float32, reading no more of the file than the source allows (safetensors: only those rows)."""
+    if hasattr(src, "rows"):  # an adapter parent
+        return src.rows(name, start, stop)
+    tensors = src.tensors
+    if hasattr(tensors, "rows"):
+        return tensors.rows(name, start, stop)
+    return tensors(name)[start:stop]
 
 
 def _save_tokenizer(source, directory: Path) -> str | None:

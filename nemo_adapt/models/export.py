@@ -2,7 +2,7 @@
 
 Every TP rank helps gather its stage's tensors; TP rank 0 of the first data-parallel replica of
 each pipeline stage writes that stage's tensors to a temporary file, and global rank 0 re-shards them
-by size (`hf.plan_shards`, one output shard in memory at a time), writes config, tokenizer and the
+by size (`hf.plan_shards`, streamed one tensor at a time), writes config, tokenizer and the
 index, then moves the directory into place. The files depend on neither TP nor PP: a TP2xPP2 model
 exports byte-for-byte the files of a TP1 model with the same weights.
 """
@@ -59,13 +59,12 @@ def export_hf(model, spec: ModelSpec, out_dir: str | os.PathLike, tokenizer=None
         order = [n for n in hf_tensor_names(spec) if n in where]
         order += sorted(set(where) - set(order))
         shards = hf.plan_shards({n: where[n][1] for n in order}, dtype)
-        for i, names in enumerate(shards):
-            part = {}
+        for i, names in enumerate(shards):  # one tensor in memory at a time
+            writer = hf.ShardWriter(tmp / hf.shard_name(i, len(shards)), {n: where[n][1] for n in names}, dtype)
             for name in names:
                 with safe_open(str(where[name][0]), framework="pt") as f:
-                    part[name] = f.get_tensor(name)
-            hf.write_shard(tmp, i, len(shards), part, dtype)
-            del part
+                    writer.write(name, f.get_tensor(name))
+            writer.close()
         for path in stages:
             path.unlink()
         hf.write_metadata(tmp, spec, len(shards), dtype)

@@ -255,6 +255,14 @@ class GGUFSource:
                     f"model {self.spec.name!r} expects {expected[name]}"
                 )
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name`, float32. A quantised tensor dequantises whole, so the last
+        one is kept for the next block of the same tensor."""
+        if getattr(self, "_last_name", None) != name:
+            self._last_name, self._last = None, None  # release the previous tensor first
+            self._last, self._last_name = self(name), name
+        return self._last[start:stop]
+
     def __call__(self, name: str) -> torch.Tensor:
         import gguf
 

@@ -438,6 +438,12 @@ class SafetensorsSource:
             raise CheckpointError(f"checkpoint {str(self.directory)!r} lacks tensor {name!r}")
         return self._handles[self._where[name]].get_tensor(name).float()
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (its first dimension) as float32; only their bytes are read."""
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint {str(self.directory)!r} lacks tensor {name!r}")
+        return self._handles[self._where[name]].get_slice(name)[start:stop].float()
+
 
 def open_checkpoint(directory: str | os.PathLike, spec: ModelSpec | None = None) -> tuple[ModelSpec, TensorSource]:
     """Open a Hugging Face checkpoint directory and check it against `spec` (or derive the spec).
@@ -483,6 +489,65 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_byte
         shards[-1].append(name)
         size += nbytes
     return shards
+
+
+class ShardWriter:
+    """Write one safetensors file tensor by tensor, in row blocks, holding none of it in memory.
+
+    The header (names, shapes, dtype, byte offsets) is known from the shapes alone and goes first; the
+    tensors' bytes follow in the given order as `write` receives them. Written here because safetensors'
+    `save_file` takes every tensor of a file at once, and merge and export must not hold a whole shard. The
+    file is the safetensors format (8-byte little-endian header size, JSON header padded to 8 bytes, data)
+    that `safetensors.safe_open` and `transformers` read.
+
+    Args:
+        path: the file to write.
+        shapes: tensor name -> shape, in file order.
+        dtype: the stored dtype (float32, bfloat16 or float16).
+
+    Raises:
+        ValueError: `write` out of order, or `close` before every tensor's bytes were written.
+    """
+
+    _CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+    def __init__(self, path: str | os.PathLike, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype):
+        import struct
+
+        self.dtype = dtype
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        self._plan: list[tuple[str, int]] = []
+        offset = 0
+        for name, shape in shapes.items():
+            nbytes = itemsize * math.prod(shape)
+            header[name] = {"dtype": self._CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._plan.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._index, self._done = 0, 0
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        """Append the next rows of tensor `name` (cast to the file's dtype)."""
+        if self._index >= len(self._plan) or self._plan[self._index][0] != name:
+            expected = self._plan[self._index][0] if self._index < len(self._plan) else "nothing"
+            raise ValueError(f"safetensors shard: got rows of {name!r}, expected {expected!r}")
+        data = block.detach().to(self.dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self._done += len(data)
+        if self._done > self._plan[self._index][1]:
+            raise ValueError(f"safetensors shard: more bytes than the shape of {name!r} holds")
+        self._file.write(data)
+        if self._done == self._plan[self._index][1]:
+            self._index, self._done = self._index + 1, 0
+
+    def close(self) -> None:
+        """Finish the file; every tensor must be complete."""
+        self._file.close()
+        if self._index != len(self._plan):
+            raise ValueError(f"safetensors shard: {self._plan[self._index][0]!r} and later tensors were not written")
 
 
 def shard_name(index: int, count: int) -> str:

@@ -89,3 +89,54 @@ def test_slerp():
                           torch.tensor([math.cos(math.pi / 6), math.sin(math.pi / 6)]))
     # Parallel tensors: linear interpolation (2 and 4 -> 3 at t = 0.5).
     assert run("slerp", None, [[2.0, 2.0], [4.0, 4.0]], t=0.5).tolist() == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.37, 0.5, 0.999, 1.0])
+def test_blockwise_magnitude_trim_keeps_the_entries_trim_to_density_keeps(density):
+    """MagnitudeTrim over row blocks (a radix select on the float bits) = ties.trim_to_density on the whole tensor,
+    including equal magnitudes (kept by position, earlier first) that straddle the threshold and blocks."""
+    from nemo_adapt.merge.methods import MagnitudeTrim
+    from nemo_adapt.merge.methods.ties import trim_to_density
+
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randn(37, 11, generator=gen)
+    delta[5:30, 2] = 0.25  # many equal magnitudes, with both signs, across blocks
+    delta[7:20, 4] = -0.25
+    delta[0, 0] = -0.0
+    blocks = [(a, min(a + 4, 37)) for a in range(0, 37, 4)]
+    trim = MagnitudeTrim(lambda: (delta[a:b] for a, b in blocks), delta.numel(), density)
+    got = torch.cat([trim.apply(delta[a:b]) for a, b in blocks])
+    assert torch.equal(got, trim_to_density(delta, density))
+
+
+def test_merge_runs_ties_block_by_block_and_equals_the_whole_tensor_function(tmp_path, monkeypatch):
+    """`nemo-adapt merge` with 64 KiB blocks (every tensor several blocks): TIES and DARE-TIES outputs equal the
+    methods applied to whole tensors (TIES within float32 rounding of base + trimmed delta; DARE draws per block,
+    so only its determinism is compared)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import nemo_adapt.merge.cli as merge_cli
+    from nemo_adapt.cli import main
+    from nemo_adapt.merge.methods.ties import ties
+    from tests.conftest import write_tiny_hf_checkpoint
+
+    monkeypatch.setattr(merge_cli, "BLOCK_BYTES", 64 * 1024)
+    dirs = [write_tiny_hf_checkpoint(tmp_path / f"m{i}", name="tiny_llama", seed=i) for i in range(3)]
+    spec = {"merge_method": "ties", "base_model": str(dirs[0]), "dtype": "float32",
+            "models": [{"model": str(dirs[1]), "density": 0.3, "weight": 1.0},
+                       {"model": str(dirs[2]), "density": 0.6, "weight": 0.5}], "out": str(tmp_path / "out")}
+    (tmp_path / "m.yaml").write_text(json.dumps(spec))
+    assert main(["merge", str(tmp_path / "m.yaml")]) == 0
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base, a, b = (load_file(str(d / "model.safetensors")) for d in dirs)
+    worst = max((got[k] - ties(base[k], [a[k], b[k]], [1.0, 0.5], [0.3, 0.6], MergeParams())).abs().max().item()
+                for k in got)
+    assert worst <= 1e-6
+    for run in ("dare1", "dare2"):
+        (tmp_path / f"{run}.yaml").write_text(json.dumps({**spec, "merge_method": "dare_ties",
+                                                          "out": str(tmp_path / run)}))
+        assert main(["merge", str(tmp_path / f"{run}.yaml")]) == 0
+    d1, d2 = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("dare1", "dare2"))
+    assert all(torch.equal(d1[k], d2[k]) for k in d1)

@@ -28,7 +28,15 @@ class MergeParams:
     t: float = 0.5
     """SLERP interpolation factor: 0 gives the first model, 1 the second."""
     seed: int = 0
-    """Seed of DARE's random drop (the same seed gives the same merge)."""
+    """Seed of DARE's random drop (the same seed gives the same merge). The merge derives one seed per tensor
+    and row block from it (`block_seed`), so no two blocks share a drop pattern."""
+
+
+def block_seed(seed: int, name: str, start: int) -> int:
+    """The seed of one block of a merge: the merge seed, the tensor's name and the block's first row."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(f"{name}:{start}".encode())) % (2**63)
 
 
 MergeFn = Callable[[torch.Tensor | None, Sequence[torch.Tensor], Sequence[float], Sequence[float], MergeParams],
@@ -46,18 +54,27 @@ class MergeMethod:
     num_models: int | None = None
     """Exactly this many fine-tuned models (SLERP: 2); None for any number >= 1."""
     paper: str = ""
+    elementwise: bool = False
+    """Each output entry depends only on the inputs' entries at the same place (and random draws): the merge
+    runs over blocks of rows, a few MiB at a time. False: it needs whole tensors (a per-tensor statistic, as
+    SLERP's angle)."""
+    trims_by_magnitude: bool = False
+    """The method starts by trimming each task vector to its density by magnitude (TIES) and is elementwise
+    after that: the merge does the trim itself over row blocks (`magnitude_trim`, the same entries as
+    `ties.trim_to_density`) and calls the method with every density 1."""
 
 
 _METHODS: dict[str, MergeMethod] = {}
 
 
-def merge_method(name: str, *, needs_base: bool, num_models: int | None = None, paper: str = ""):
+def merge_method(name: str, *, needs_base: bool, num_models: int | None = None, paper: str = "",
+                 elementwise: bool = False, trims_by_magnitude: bool = False):
     """Decorator: register `fn(base, tensors, weights, densities, params) -> tensor` as merge method `name`."""
 
     def deco(fn: MergeFn) -> MergeFn:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        _METHODS[name] = MergeMethod(name, fn, needs_base, num_models, paper)
+        _METHODS[name] = MergeMethod(name, fn, needs_base, num_models, paper, elementwise, trims_by_magnitude)
         return fn
 
     return deco
@@ -116,3 +133,54 @@ def elect_and_merge(deltas: torch.Tensor, weights: Sequence[float], normalize: b
         return total
     mass = (w * agree).sum(dim=0)
     return torch.where(mass > 0, total / mass.clamp_min(1e-12), torch.zeros_like(total))
+
+
+class MagnitudeTrim:
+    """TIES' trim of one task vector, applied block by block: keep its k = round(density x numel) entries of
+    largest magnitude, ties broken by position (earlier first), exactly as `ties.trim_to_density` on the whole.
+
+    The k-th largest magnitude is found without holding the tensor: non-negative float32 values order as their
+    int32 bit patterns, so two passes over the blocks count the high 16 bits (65,536 bins), then the low 15
+    bits within the bin that holds the k-th (a radix select). Written here because the alternatives (sort,
+    kthvalue, topk) need the whole tensor, several times its size with indices.
+
+    Args:
+        blocks: a function giving the task vector's float32 blocks in order (called twice).
+        numel: its number of entries.
+        density: the share kept.
+    """
+
+    def __init__(self, blocks, numel: int, density: float):
+        k = int(round(density * numel))
+        self.threshold, self.ties_left = -1, 0  # keep everything: every |bits| > -1
+        if k >= numel:
+            return
+        if k <= 0:
+            self.threshold = 2**31 - 1  # nothing is above it
+            return
+        hi, need = self._select(blocks, k, 65536, lambda bits: bits >> 15, lambda bits: bits)
+        lo, need = self._select(blocks, need, 32768, lambda bits: bits & 0x7FFF, lambda bits: bits[(bits >> 15) == hi])
+        self.threshold, self.ties_left = (hi << 15) | lo, need
+
+    @staticmethod
+    def _select(blocks, k: int, bins: int, key, pick) -> tuple[int, int]:
+        """(the bin holding the k-th largest key, how many of that bin's entries the top k take)."""
+        hist = torch.zeros(bins, dtype=torch.int64)
+        for block in blocks():
+            bits = pick(block.abs().contiguous().view(torch.int32).reshape(-1))
+            hist += torch.bincount(key(bits), minlength=bins)
+        from_top = hist.flip(0).cumsum(0)
+        i = int(torch.searchsorted(from_top, k))  # the first bin (from the top) where the count reaches k
+        above = int(from_top[i - 1]) if i > 0 else 0
+        return bins - 1 - i, k - above
+
+    def apply(self, delta: torch.Tensor) -> torch.Tensor:
+        """The next block of the task vector, trimmed (blocks must come in order)."""
+        bits = delta.abs().contiguous().view(torch.int32)
+        keep = bits > self.threshold
+        if self.ties_left > 0:
+            equal = (bits == self.threshold).reshape(-1)
+            taken = equal & (equal.cumsum(0) <= self.ties_left)
+            self.ties_left -= int(taken.sum())
+            keep = keep | taken.view_as(keep)
+        return delta * keep

@@ -27,14 +27,14 @@ def _dropped(base, tensors, densities, params):
     return torch.stack([drop_and_rescale(d, rho, gen) for d, rho in zip(deltas, densities)])
 
 
-@merge_method("dare_linear", needs_base=True, paper="Yu et al. 2024, arXiv:2311.03099")
+@merge_method("dare_linear", needs_base=True, elementwise=True, paper="Yu et al. 2024, arXiv:2311.03099")
 def dare_linear(base, tensors, weights, densities, params):
     """base + lambda * sum_i w_i dare(t_i - base, density_i)."""
     deltas = _dropped(base, tensors, densities, params)
     return base.float() + params.lambda_ * (deltas * weight_column(weights, deltas)).sum(dim=0)
 
 
-@merge_method("dare_ties", needs_base=True, paper="Yu et al. 2024, arXiv:2311.03099")
+@merge_method("dare_ties", needs_base=True, elementwise=True, paper="Yu et al. 2024, arXiv:2311.03099")
 def dare_ties(base, tensors, weights, densities, params):
     """base + lambda * disjoint_merge(sign_elect(dare(t_i - base, density_i)))."""
     deltas = _dropped(base, tensors, densities, params)

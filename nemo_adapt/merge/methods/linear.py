@@ -9,7 +9,7 @@ import torch
 from nemo_adapt.merge.methods import merge_method, weight_column
 
 
-@merge_method("linear", needs_base=False, paper="Wortsman et al. 2022, arXiv:2203.05482")
+@merge_method("linear", needs_base=False, elementwise=True, paper="Wortsman et al. 2022, arXiv:2203.05482")
 def linear(base, tensors, weights, densities, params):
     """sum_i w_i t_i, divided by sum_i w_i when `params.normalize`. The base is not used."""
     stack = torch.stack([t.float() for t in tensors])

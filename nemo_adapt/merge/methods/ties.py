@@ -22,7 +22,8 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     return (flat * keep).view_as(delta)
 
 
-@merge_method("ties", needs_base=True, paper="Yadav et al. 2023, arXiv:2306.01708")
+@merge_method("ties", needs_base=True, elementwise=True, trims_by_magnitude=True,
+              paper="Yadav et al. 2023, arXiv:2306.01708")
 def ties(base, tensors, weights, densities, params):
     """base + lambda * disjoint_merge(sign_elect(trim(t_i - base, density_i)))."""
     deltas = task_vectors(base, tensors)
