@@ -15,7 +15,8 @@ Models are Hugging Face directories, .gguf files, `embedded:smollm2_135m`, or ad
 Hugging Face PEFT; LoRA, DoRA, IA3), which take part as their base with the adapter folded in; adapters must
 all belong to one base model (fingerprints), `base_model` when it is given. Everything is checked before
 anything is written (method, keys, architectures and every tensor's presence and shape); tensors are then
-streamed: one tensor per input in memory at a time, merged in fp32, cast to `dtype` and written in shards.
+streamed: a few MiB of rows per input at a time (whole tensors for SLERP), merged in fp32, cast to `dtype` and
+written straight into the shards.
 The output appears only when complete: the merged weights, config, tokenizer, and `merge_config.json`
 with the lineage (every parent's fingerprint, method, parameters, code version) and `status: unvalidated`.
 `--validate RUN_DIR` (repeatable) scores the result on each run's test split right after merging and records
