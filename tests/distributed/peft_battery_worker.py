@@ -8,7 +8,8 @@ For every row of `peft_cases.PEFT_CASES` (or those named with --cases), at one T
 2. 3 optimizer steps on fixed synthetic batches (packed rows, or padded rows for virtual tokens)
    through the real engine (Megatron DDP, optimizer, pipeline schedule); an adapter-only checkpoint
    after step 2; the 3 losses;
-3. after training: the adapter artifact (safetensors, TP-gathered); logits under
+3. after training: the adapter artifact (safetensors, TP-gathered) and a fresh model's logits with it loaded
+   (`apply_adapter`: each rank takes its shard); logits under
    `adapters_disabled` (the base again) and its greedy generation; mergeable rows: logits merged
    (`merge_into_base`), the merged Hugging Face export (not under an interleaved pipeline) with the
    adapted logits beside it, and logits after unmerge;
@@ -192,9 +193,10 @@ def run_case(case, tp: int, pp: int, vp: int | None, out: Path, resume_from: Pat
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
-    from nemo_adapt.artifacts.adapter import save_adapter
+    from nemo_adapt.artifacts.adapter import apply_adapter, load_adapter, save_adapter
     from nemo_adapt.models.export import export_hf
-    from nemo_adapt.peft.base import adapters_disabled, get_peft_method, trainable_parameters
+    from nemo_adapt.models.loader import load_model_chunks
+    from nemo_adapt.peft.base import adapters_disabled, apply_peft, get_peft_method, trainable_parameters
     from nemo_adapt.peft.virtual_tokens import collapse
     from nemo_adapt.training import checkpoint as ckpt
     from nemo_adapt.training import engine
@@ -222,6 +224,15 @@ def run_case(case, tp: int, pp: int, vp: int | None, out: Path, resume_from: Pat
     save_adapter(model, out / case.id / "artifact", cfg.peft, {"base_model": "tiny_llama"})
     trained = logits(model, spec)
     rec["trained_vs_base"] = max_diff(trained, base)
+    # The artifact loaded into a fresh model at this layout (each rank its TP shard of the full tensors)
+    # computes what the trained model does.
+    fresh_chunks, fresh_source = load_model_chunks("random:tiny_llama", "tiny_llama")
+    for c in fresh_chunks:
+        apply_peft(c, cfg.peft, seed=99)  # another seed: every value must come from the artifact
+    fresh = fresh_chunks if len(fresh_chunks) > 1 else fresh_chunks[0]
+    apply_adapter(fresh, load_adapter(out / case.id / "artifact", fresh_source))
+    rec["loaded_vs_trained"] = max_diff(logits(fresh, spec), trained)
+    del fresh, fresh_chunks
     with adapters_disabled(model):
         rec["disabled_vs_base"] = max_diff(logits(model, spec), base)
         rec["generation_disabled"] = generation(model, spec, uncached=False)

@@ -167,6 +167,35 @@ def test_adapter_artifact_is_layout_independent(battery, case):
             assert delta <= TOL, f"{layout}: {key} differs by {delta}"
 
 
+@pytest.mark.parametrize("case", cases())
+def test_artifact_loads_into_a_fresh_model_at_every_layout(battery, case):
+    for layout, ranks in battery.items():
+        assert max(_last_stage(ranks, case.id, "loaded_vs_trained")) <= 1e-5, layout
+
+
+@pytest.mark.parametrize("case", [c for c in cases() if c.values[0].peft["method"] != "adapter"])
+def test_hf_peft_export_is_the_same_at_every_layout(battery, case, monkeypatch):
+    """The Hugging Face PEFT export of the adapter trained at each layout: the same files as TP1's, tensors
+    within the artifacts' tolerance (the export is a function of the layout-independent artifact)."""
+    from safetensors.torch import load_file
+
+    from nemo_adapt.artifacts.hf_peft import export_peft
+    from nemo_adapt.models.loader import resolve_path
+
+    root = Path(battery["tp1"][0]["_out"]).parent
+    monkeypatch.setenv("NEMO_ADAPT_CACHE", str(root / "cache"))
+    base = str(resolve_path("random:tiny_llama"))
+    exported = {}
+    for layout in LAYOUTS:
+        out = export_peft(root / layout / case.id / "artifact", root / layout / case.id / "hf_peft", base=base)
+        exported[layout] = (sorted(p.name for p in out.iterdir()), load_file(str(out / "adapter_model.safetensors")))
+    names, ref = exported["tp1"]
+    for layout, (files, got) in exported.items():
+        assert files == names and got.keys() == ref.keys(), layout
+        worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+        assert worst <= TOL, f"{layout}: {worst}"
+
+
 @pytest.mark.parametrize("case", cases(mergeable=True))
 def test_merged_export_is_layout_independent_and_equals_merge_and_unload(battery, case, monkeypatch):
     """The adapter folded into the base at each layout writes the same files; the TP2xPP2 one, loaded by
