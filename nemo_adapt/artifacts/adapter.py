@@ -135,8 +135,10 @@ class AdapterFiles:
 
     @property
     def base_model(self) -> str | None:
-        """The registered architecture name the base was opened under, when recorded (ours only)."""
-        return self.description.get("base_model") if self.format == NEMO_ADAPT else None
+        """The registered architecture name the base was opened under, when recorded (ours, and HF PEFT exports
+        of ours: the fingerprint covers the name, so the base must be opened under it again)."""
+        d = self.description
+        return d.get("base_model") if self.format == NEMO_ADAPT else (d.get("nemo_adapt") or {}).get("base_model")
 
 
 @dataclass

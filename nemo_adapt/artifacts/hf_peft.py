@@ -47,6 +47,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base
     hf_config = {**fields_, "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "inference_mode": True,
                  # A method's own notes (`nemo_adapt` in its fields: how it was mapped) join ours.
                  "nemo_adapt": {**fields_.get("nemo_adapt", {}), "method": config.method, "base_model_fingerprint": now,
+                                "base_model": files.base_model,
                                 "data_fingerprint": meta.get("data_fingerprint"), "run": meta.get("run"),
                                 "step": meta.get("step"), "source_format": files.format}}
     out = Path(out_dir).resolve()

@@ -77,8 +77,9 @@ def test_export_refuses_another_base_and_houlsby_adapters(tmp_path, base_dir, ca
     assert "has no Hugging Face PEFT form and cannot be merged into the base weights" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "x"), "--adapter", str(tmp_path), "--format", "peft"]) == 2
     assert "is not an adapter directory" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "x"), "--adapter", str(art)]) == 2  # a merged export: not yet
-    assert "a merged Hugging Face model from an adapter is not available yet" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "x"), "--adapter", str(art)]) == 2  # a merged export
+    assert "peft.method=adapter cannot be merged into the base weights: Houlsby adapters add non-linear layers" \
+        in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -94,3 +95,10 @@ def test_export_of_an_adapter_trained_on_a_directory_under_a_registered_name(tmp
     assert json.loads((art / "adapter_config.json").read_text())["base_model"] == "tiny_qwen2"
     assert main(["export", str(tmp_path / "peft"), "--adapter", str(art), "--format", "peft"]) == 0
     assert main(["export", str(tmp_path / "peft2"), "--adapter", str(art), "--format", "peft", "--base", str(hf0)]) == 0
+    # The export imports again on the same base: opened under the name its fingerprint was taken with.
+    from nemo_adapt.artifacts.adapter import load_adapter, open_adapter, open_adapter_base
+
+    files = open_adapter(tmp_path / "peft")
+    assert files.base_model == "tiny_qwen2"
+    load_adapter(files, open_adapter_base(files))
+    assert main(["export", str(tmp_path / "merged"), "--adapter", str(tmp_path / "peft")]) == 0
