@@ -160,7 +160,7 @@ def test_peft_key_typo_is_suggested(tmp_path):
 def test_peft_unknown_key_lists_the_method_keys(tmp_path):
     path = write(tmp_path, "peft:\n  method: lora\n  zzz: 8\n")
     assert error(path) == (f"{path}:3: unknown key 'peft.zzz' for peft.method='lora'; "
-                           f"peft.method='lora' has: method, rank, alpha, dropout, target_modules, layers, lr_ratio_b")
+                           f"peft.method='lora' has: method, init_from, rank, alpha, dropout, target_modules, layers, lr_ratio_b")
 
 
 def test_peft_method_switched_by_override_says_so(recipe):
