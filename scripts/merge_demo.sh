@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# README's merge demo: two LoRA adapters of the embedded SmolLM2-135M-Instruct trained on two tasks
+# (support triage, expense coding), merged into one model by task arithmetic, and scored on both tasks next
+# to each adapter alone. About 25 minutes on a 2-core CPU. Runs that exist are reused (rerun to resume).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+bin=.venv/bin/nemo-adapt
+
+# 1. One adapter per task (each run also scores its adapter and the prompt-only baseline on its test split).
+$bin run recipes/smollm2_135m_lora.yaml
+$bin run recipes/smollm2_135m_lora_expenses.yaml
+triage=runs/smollm2_135m_lora_triage
+expenses=runs/smollm2_135m_lora_expenses
+
+# 2. Each adapter on the other task.
+$bin eval "$triage" --adapter "$expenses/adapter"
+$bin eval "$expenses" --adapter "$triage/adapter"
+
+# 3. The merge: base + both adapters' deltas, validated on both tasks (each must beat its prompt-only baseline).
+mkdir -p runs/merge_demo
+cat > runs/merge_demo/merge.yaml <<EOF
+merge_method: task_arithmetic
+base_model: embedded:smollm2_135m
+models:
+  - {model: $triage/adapter}
+  - {model: $expenses/adapter}
+parameters: {lambda: 1.0}
+dtype: float32
+out: runs/merge_demo/triage_expenses
+EOF
+$bin merge runs/merge_demo/merge.yaml --validate "$triage" --validate "$expenses"
