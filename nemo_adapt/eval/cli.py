@@ -100,7 +100,7 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
         run_dir: a run directory written by `nemo-adapt run` (config.yaml, adapter/).
         max_examples: evaluate at most this many test examples (default: the recipe's eval.max_examples).
         adapter_dir: evaluate this adapter instead of the run's (ours or Hugging Face PEFT; it must belong
-            to the run's base model), on the run's task; written to RUN_DIR/eval_<its directory name>.json.
+            to the run's base model), on the run's task; written to RUN_DIR/eval_<parent>_<directory>.json.
 
     Returns:
         The result of `evaluate_task` (label, exact_match, correct, n, ...).
@@ -119,8 +119,10 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
         raise ConfigError(f"{str(run_dir)!r} is a full fine-tuning run; `nemo-adapt eval` evaluates adapters")
     files = open_adapter(run_dir / "adapter" if adapter_dir is None else adapter_dir)
     result = evaluate_on_task(cfg, records, files=files, max_examples=max_examples)
-    # The run's own adapter writes eval.json; another one its own files beside it, never over the run's.
-    tag = "" if adapter_dir is None else "_" + "".join(c if c.isalnum() or c in "-." else "_" for c in files.path.name)
+    # The run's own adapter writes eval.json; another one its own files beside it, never over the run's, named
+    # by its directory and the one above it (a run's adapter is always `adapter/`).
+    where = f"{files.path.resolve().parent.name}_{files.path.name}"
+    tag = "" if adapter_dir is None else "_" + "".join(c if c.isalnum() or c in "-." else "_" for c in where)
     result = write_predictions(result, run_dir / f"predictions_eval{tag}.jsonl")
     result = {**result, "run_dir": str(run_dir), "adapter": str(files.path), "adapter_format": files.format,
               "adapter_step": files.description.get("step"), "written": str(run_dir / f"eval{tag}.json")}

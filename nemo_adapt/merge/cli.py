@@ -298,7 +298,8 @@ def plan_validation(run_dirs: list[str], min_exact_match: float | None) -> list[
             results = Path(run_dir) / "results.json"
             baseline = None
             if results.is_file():
-                baseline = (json.loads(results.read_text()).get("baseline") or {}).get("exact_match")
+                recorded = json.loads(results.read_text()).get("eval") or {}  # what `nemo-adapt run` scored
+                baseline = (recorded.get("baseline") or {}).get("exact_match")
             if baseline is None:
                 raise ConfigError(f"--validate {run_dir}: the run recorded no prompt-only baseline ({results}); "
                                   "give the score to reach with --min-exact-match")

@@ -206,7 +206,7 @@ def test_eval_and_generate_take_an_hf_peft_adapter(tmp_path, capsys, monkeypatch
     run_dir = tmp_path / "run"
     save_resolved(load_recipe(write_tiny_recipe(tmp_path, data, eval={"max_new_tokens": 6})), run_dir / "config.yaml")
     assert main(["eval", str(run_dir), "--adapter", str(tmp_path / "hf_lora")]) == 0
-    written = json.loads((run_dir / "eval_hf_lora.json").read_text())
+    written = json.loads((run_dir / f"eval_{tmp_path.name}_hf_lora.json").read_text())
     assert written["adapter_format"] == "hf-peft" and written["n"] == 16
     assert not (run_dir / "eval.json").exists()
     assert "written" in capsys.readouterr().out

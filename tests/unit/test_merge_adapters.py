@@ -140,7 +140,8 @@ def test_validate_scores_the_merge_on_a_run_task_and_records_it(tmp_path, capsys
     assert "validate" in capsys.readouterr().out
 
     # A threshold the random model cannot reach: recorded as failed, exit status 1.
-    (run_dir / "results.json").write_text(json.dumps({"baseline": {"exact_match": 0.5}}))
+    (run_dir / "results.json").write_text(json.dumps({"eval": {"adapted": {"exact_match": 0.9},
+                                                               "baseline": {"exact_match": 0.5}}}))
     assert main(["merge", str(merge_file), "--validate", str(run_dir)]) == 1
     record = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
     assert record["status"] == "failed_validation" and record["validation"][0]["threshold"] == 0.5
