@@ -46,14 +46,11 @@ committed files byte for byte.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from nemo_adapt.data.formats import iter_lines
+from nemo_adapt.data.domains import generate_splits, label_shares, run_cli, write_jsonl_splits
 
 TEAMS = ("Ledger Ops", "Card Disputes", "KYC Review", "Fraud Response", "Platform Reliability", "Payouts Desk")
 """Allowed teams, in the order the instructions list them."""
@@ -323,52 +320,25 @@ def make_record(ticket: str, team: str, priority: str) -> dict:
 
 
 def generate(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
-    """All splits, deterministically for a seed.
+    """All splits, deterministically for a seed (texts unique across all splits).
 
     Args:
         seed: generator seed.
         sizes: split -> number of examples (default SPLIT_SIZES).
 
     Returns:
-        split -> chat records, ticket texts unique across all splits.
+        split -> chat records.
     """
-    sizes = dict(SPLIT_SIZES if sizes is None else sizes)
-    seen: set[str] = set()
-    out: dict[str, list[dict]] = {}
-    for index, split in enumerate(("train", "validation", "test")):
-        rng = random.Random(seed * 1000 + index)  # integer seeds: stable across Python versions
-        records: list[dict] = []
-        while len(records) < sizes.get(split, 0):
-            ticket, team, priority = make_ticket(rng, heldout=split != "train")
-            if ticket in seen:  # redraw duplicates: no ticket may appear twice or in two splits
-                continue
-            seen.add(ticket)
-            records.append(make_record(ticket, team, priority))
-        out[split] = records
-    return out
+    return generate_splits(make_ticket, make_record, dict(SPLIT_SIZES if sizes is None else sizes), seed)
 
 
 def write_splits(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:
-    """Generate and write `{train,validation,test}.jsonl` under `out_dir`.
-
-    Args:
-        out_dir: target directory (created if missing).
-        seed: generator seed.
-        sizes: split -> number of examples (default SPLIT_SIZES).
+    """Generate and write `{train,validation,test}.jsonl` under `out_dir` (created if missing).
 
     Returns:
         split -> written file.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, records in generate(seed, sizes).items():
-        path = out / f"{split}.jsonl"
-        # Fixed key order, UTF-8, "\n" line ends: the bytes depend only on the records.
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        path.write_bytes(text.encode("utf-8"))
-        paths[split] = path
-    return paths
+    return write_jsonl_splits(out_dir, generate(seed, sizes))
 
 
 def label_of(record: dict) -> tuple[str, str]:
@@ -388,42 +358,15 @@ def label_of(record: dict) -> tuple[str, str]:
 def distribution(records: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Label shares of a split: per team, per priority, per (team, priority) pair.
 
-    Args:
-        records: chat records.
-
     Returns:
         `{"team": {...}, "priority": {...}, "pair": {"<team> / <priority>": share}}`, shares in [0, 1].
     """
-    labels = [label_of(r) for r in records]
-    n = len(labels)
-
-    def shares(counter: Counter) -> dict[str, float]:
-        return {k: round(v / n, 4) for k, v in counter.most_common()}
-
-    return {"team": shares(Counter(t for t, _ in labels)),
-            "priority": shares(Counter(p for _, p in labels)),
-            "pair": shares(Counter(f"{t} / {p}" for t, p in labels))}
+    return label_shares([label_of(r) for r in records], ("team", "priority"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: write the splits and print their label distribution."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="datasets/triage", help="output directory")
-    ap.add_argument("--seed", type=int, default=0, help="generator seed")
-    for split, n in SPLIT_SIZES.items():
-        ap.add_argument(f"--{split}", type=int, default=n, help=f"{split} examples (default {n})")
-    args = ap.parse_args(argv)
-    sizes = {s: getattr(args, s) for s in SPLIT_SIZES}
-    paths = write_splits(args.out, args.seed, sizes)
-    for path in paths.values():
-        # JSONL lines end at "\n" only: the records are written with ensure_ascii=False, and a U+2028
-        # inside a string is a line break to str.splitlines.
-        with path.open("rb") as f:
-            records = [json.loads(line.data) for line in iter_lines(f) if line.data.strip()]
-        d = distribution(records)
-        top_pair, top_share = next(iter(d["pair"].items()))
-        print(f"{path}: {len(records)} examples; priority {d['priority']}; "
-              f"majority pair {top_pair} {100 * top_share:.1f}%")
+    run_cli(argv, __doc__.split("\n")[0], "datasets/triage", SPLIT_SIZES, write_splits, distribution, "priority")
 
 
 if __name__ == "__main__":
