@@ -221,12 +221,13 @@ def check_adapter_base(files: AdapterFiles, source, base_name: str) -> None:
                                   f"{base_name!r} is {now}")
 
 
-def open_adapter_base(files: AdapterFiles, checkpoint: str | None = None):
+def open_adapter_base(files: AdapterFiles, checkpoint: str | None = None, model: str | None = None):
     """Open the base checkpoint an adapter is applied to, as training opened it.
 
     Args:
         files: the opened adapter.
         checkpoint: the base to use; default: the one the adapter names.
+        model: the registered architecture to open it as (`--model`); default: the one training used, if any.
 
     Returns:
         The opened `models.loader.CheckpointSource` (no weights read), under the registered architecture
@@ -245,7 +246,7 @@ def open_adapter_base(files: AdapterFiles, checkpoint: str | None = None):
     if checkpoint is None and files.format == HF_PEFT and not Path(base).exists() and ":" not in base:
         raise ConfigError(f"{files.path / CONFIG} names base_model_name_or_path={base!r}, which is not a local "
                           "checkpoint (no model hub is reached); pass the base model's directory (--base / --checkpoint)")
-    name = files.base_model if files.base_model in list_models() else None
+    name = model or (files.base_model if files.base_model in list_models() else None)
     return open_source(base, name)
 
 

@@ -51,8 +51,7 @@ def run(args) -> int:
         from nemo_adapt.artifacts.adapter import open_adapter, open_adapter_base
 
         files = open_adapter(args.adapter)
-        source = open_adapter_base(files, args.checkpoint) if args.model is None else \
-            open_source(args.checkpoint or files.base_checkpoint or EMBEDDED_NAME, args.model)
+        source = open_adapter_base(files, args.checkpoint, args.model)
     else:
         source = open_source(args.checkpoint or EMBEDDED_NAME, args.model)
     from nemo_adapt.models.builder import check_layout

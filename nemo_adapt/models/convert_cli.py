@@ -66,8 +66,7 @@ def run(args) -> int:
         files = open_adapter(args.adapter)
         method = get_peft_method(files.method)
         method.check_mergeable()  # before anything is opened or built
-        source = open_adapter_base(files, checkpoint) if args.model is None else \
-            open_source(checkpoint or files.base_checkpoint or EMBEDDED_NAME, args.model)
+        source = open_adapter_base(files, checkpoint, args.model)
     else:
         source = open_source(checkpoint or EMBEDDED_NAME, args.model)
     check_layout(source.spec, args.tensor_parallel, args.pipeline_parallel)
