@@ -13,6 +13,8 @@ For every row of `peft_cases.PEFT_CASES` (or those named with --cases), at one T
    `adapters_disabled` (the base again) and its greedy generation; mergeable rows: logits merged
    (`merge_into_base`), the merged Hugging Face export (not under an interleaved pipeline) with the
    adapted logits beside it, and logits after unmerge;
+   with --export-check (not for Houlsby adapters, which have no HF PEFT form): the trained model's logits on
+   four prompts and 16 greedy tokens each, written beside the artifact;
 4. greedy generation of a few tokens with the KV cache (pipeline p2p) and the same tokens found
    without a cache, one full forward per token; one cached decode step's logits vs a full forward;
 5. collapsible rows: logits before and after `collapse`, the count after it, generation and the
@@ -23,7 +25,7 @@ For every row of `peft_cases.PEFT_CASES` (or those named with --cases), at one T
 Each rank writes `<out>/rank<r>.json` with what it knows (logit comparisons on the last stage only).
 
 Usage: torchrun --standalone --nproc-per-node N peft_battery_worker.py --tp T --pp P [--vp V] --out DIR
-       [--resume-from DIR] [--cases id,id]
+       [--resume-from DIR] [--cases id,id] [--export-check]
 """
 
 import argparse
@@ -37,6 +39,11 @@ SEQ, MBS, GBS, STEPS, SAVE_AFTER = 24, 2, 4, 3, 2
 # A shared 9-token prefix and own parts of 3 and 4 tokens: generation takes its shared-prefix path.
 PROMPTS = [[5, 17, 33, 9, 12, 8, 21, 7, 30, 11, 6, 14], [5, 17, 33, 9, 12, 8, 21, 7, 30, 40, 41, 42, 43]]
 NEW_TOKENS = 3
+# With --export-check: four equal-length prompts (no padding on the Hugging Face side) and 16 greedy tokens each,
+# the adapted model's side of "HF PEFT loads our export and computes what we do" (test_peft_battery.py).
+EXPORT_PROMPTS = [[5, 17, 33, 9, 12, 8, 21, 7], [60, 3, 44, 90, 12, 71, 8, 30], [11, 11, 52, 6, 99, 23, 4, 15],
+                  [77, 31, 9, 64, 40, 2, 18, 55]]
+EXPORT_TOKENS = 16
 
 
 def batches(step: int, packed: bool = True) -> list[dict]:
@@ -189,7 +196,24 @@ def save(run_dir: Path, ddp, optimizer, step: int, method: str, tp: int, pp: int
     ckpt.save_checkpoint(run_dir, ddp, optimizer, state, trainable_only=True, keep_last=1)
 
 
-def run_case(case, tp: int, pp: int, vp: int | None, out: Path, resume_from: Path | None) -> dict:
+def export_check(model, spec, out: Path) -> None:
+    """The trained model's logits on EXPORT_PROMPTS and their EXPORT_TOKENS greedy tokens (KV cache), written by
+    the last stage's first tensor-parallel rank to `out`/export_check.safetensors and .json."""
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import save_file
+
+    from nemo_adapt.generation.generate import SamplingParams, forward_logits, generate
+
+    lg = forward_logits(model, torch.tensor(EXPORT_PROMPTS), spec.vocab_size, spec.hidden_size)
+    tokens = generate(model, EXPORT_PROMPTS, SamplingParams(max_new_tokens=EXPORT_TOKENS), set(), spec.vocab_size,
+                      spec.hidden_size, spec.max_position_embeddings)
+    if lg is not None and ps.get_tensor_model_parallel_rank() == 0:
+        save_file({"logits": lg.contiguous()}, str(out / "export_check.safetensors"))
+        (out / "export_check.json").write_text(json.dumps(tokens))
+
+
+def run_case(case, tp: int, pp: int, vp: int | None, out: Path, resume_from: Path | None,
+             check_export: bool = False) -> dict:
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
@@ -224,6 +248,8 @@ def run_case(case, tp: int, pp: int, vp: int | None, out: Path, resume_from: Pat
     save_adapter(model, out / case.id / "artifact", cfg.peft, {"base_model": "tiny_llama"})
     trained = logits(model, spec)
     rec["trained_vs_base"] = max_diff(trained, base)
+    if check_export and case.peft["method"] != "adapter":
+        export_check(model, spec, out / case.id)
     # The artifact loaded into a fresh model at this layout (each rank its TP shard of the full tensors)
     # computes what the trained model does.
     fresh_chunks, fresh_source = load_model_chunks("random:tiny_llama", "tiny_llama")
@@ -282,6 +308,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume-from", default=None)
     ap.add_argument("--cases", default=None, help="comma-separated case ids (default: all)")
+    ap.add_argument("--export-check", action="store_true", help="write the trained logits and tokens the HF PEFT "
+                    "export is compared with")
     args = ap.parse_args()
 
     from nemo_adapt.parallel import runtime
@@ -294,7 +322,7 @@ def main():
     results = {}
     for case in cases:
         runtime.seed_all(7)
-        results[case.id] = run_case(case, args.tp, args.pp, args.vp, out, resume)
+        results[case.id] = run_case(case, args.tp, args.pp, args.vp, out, resume, args.export_check)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
     runtime.shutdown()
 

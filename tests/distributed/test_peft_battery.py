@@ -14,7 +14,9 @@ methods give the same logits merged (1e-5) and the base logits again after unmer
 collapsible methods give the same logits collapsed (1e-5) and drop to the saved parameter count;
 greedy generation with the KV cache equals greedy decoding by full forwards and a cached decode
 step's logits equal a full forward's (1e-5); the adapter artifact holds the same tensors at every
-layout; trainable counts equal the planner's closed form, per rank and in total.
+layout; trainable counts equal the planner's closed form, per rank and in total; the HF PEFT export is the
+same at every layout, and the exports of the adapters trained at TP1 and TP2xPP2, loaded by `PeftModel`, give the
+trained model's logits (1e-4) and greedy tokens.
 """
 
 import json
@@ -33,6 +35,8 @@ WORKER = Path(__file__).resolve().parent / "peft_battery_worker.py"
 # name: (tp, pp, vp, layout whose checkpoints it resumes)
 LAYOUTS = {"tp1": (1, 1, None, None), "tp2": (2, 1, None, "tp1"), "pp2": (1, 2, None, "tp2"),
            "tp2pp2": (2, 2, None, "pp2"), "pp2vp2": (1, 2, 2, "tp2pp2")}
+# Layouts whose trained models also record logits and greedy tokens for the HF PEFT export check.
+EXPORT_CHECKED = ("tp1", "tp2pp2")
 IDS = [c.id for c in PEFT_CASES]
 TOL = 1e-4
 
@@ -68,6 +72,8 @@ def battery(tmp_path_factory) -> dict[str, list[dict]]:
         args = ["--tp", str(tp), "--pp", str(pp), "--out", str(out)] + (["--vp", str(vp)] if vp else [])
         if resume:
             args += ["--resume-from", str(root / resume)]
+        if name in EXPORT_CHECKED:
+            args.append("--export-check")
         torchrun(tp * pp, WORKER, *args, env=env, timeout=900)
         results[name] = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
         results[name][0]["_out"] = str(out)
@@ -174,13 +180,17 @@ def test_artifact_loads_into_a_fresh_model_at_every_layout(battery, case):
 
 
 @pytest.mark.parametrize("case", [c for c in cases() if c.values[0].peft["method"] != "adapter"])
-def test_hf_peft_export_is_the_same_at_every_layout(battery, case, monkeypatch):
+def test_hf_peft_export_is_the_same_at_every_layout_and_peft_model_computes_ours(battery, case, monkeypatch):
     """The Hugging Face PEFT export of the adapter trained at each layout: the same files as TP1's, tensors
-    within the artifacts' tolerance (the export is a function of the layout-independent artifact)."""
+    within the artifacts' tolerance (the export is a function of the layout-independent artifact). The exports
+    of the adapters trained at TP1 and TP2xPP2, loaded by `PeftModel`, give the trained model's logits on four
+    prompts within 1e-4 and its 16 greedy tokens per prompt."""
     from safetensors.torch import load_file
 
     from nemo_adapt.artifacts.hf_peft import export_peft
     from nemo_adapt.models.loader import resolve_path
+    from tests.distributed.peft_battery_worker import EXPORT_PROMPTS, EXPORT_TOKENS
+    from tests.peft_reference import peft_logits_and_tokens
 
     root = Path(battery["tp1"][0]["_out"]).parent
     monkeypatch.setenv("NEMO_ADAPT_CACHE", str(root / "cache"))
@@ -194,6 +204,17 @@ def test_hf_peft_export_is_the_same_at_every_layout(battery, case, monkeypatch):
         assert files == names and got.keys() == ref.keys(), layout
         worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
         assert worst <= TOL, f"{layout}: {worst}"
+
+    virtual = case.id.startswith(("prompt", "p_tuning", "prefix"))
+    for layout in EXPORT_CHECKED:
+        out = root / layout / case.id
+        ours = load_file(str(out / "export_check.safetensors"))["logits"]
+        our_tokens = json.loads((out / "export_check.json").read_text())
+        theirs, their_tokens = peft_logits_and_tokens(base, out / "hf_peft", torch.tensor(EXPORT_PROMPTS),
+                                                      EXPORT_TOKENS, use_generate=not virtual)
+        worst = (theirs - ours).abs().max().item()
+        assert worst <= TOL, f"{layout}: PeftModel's logits differ from the trained model's by {worst}"
+        assert their_tokens == our_tokens, layout
 
 
 @pytest.mark.parametrize("case", cases(mergeable=True))
