@@ -282,7 +282,10 @@ class EvalConfig:
     enabled: bool = True
     """Evaluate after training (needs data.test)."""
     metric: str = "exact_match"
-    """Task metric: `exact_match` of the generated answer (whitespace-normalised)."""
+    """The task metric a model is judged by (every one is reported, each with a 95% bootstrap interval):
+    `exact_match` (whitespace- and case-normalised), `token_f1` (SQuAD token overlap), `field_accuracy` (mean over
+    the fields of `key: value` answers) or `label_accuracy` (mean over label fields, lenient: the answer names
+    exactly one allowed label). It picks the best prompt-only baseline."""
     max_new_tokens: int = 32
     """Generation budget per test example."""
     batch_size: int = 16
@@ -290,12 +293,15 @@ class EvalConfig:
     baseline: bool = True
     """Also score the prompt-only baseline: the base model (adapters bypassed) given the instructions."""
     baseline_few_shot: int = 0
-    """Training examples shown in the prompt-only baseline's prompt (0: instructions only)."""
+    """k > 0: a k-shot prompt-only baseline (k worked examples from the training split, seeded by run.seed) is
+    scored beside the zero-shot one and the better is the baseline (0: zero-shot only)."""
     max_examples: int | None = None
     """Evaluate at most this many test examples (None: all)."""
 
     def __post_init__(self):
-        check_choice("eval.metric", self.metric, ("exact_match",))
+        from nemo_adapt.eval.metrics import METRICS
+
+        check_choice("eval.metric", self.metric, METRICS)
         check_positive("eval.max_new_tokens", self.max_new_tokens)
         check_positive("eval.batch_size", self.batch_size)
         check_positive("eval.baseline_few_shot", self.baseline_few_shot, allow_zero=True)

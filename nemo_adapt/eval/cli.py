@@ -1,14 +1,25 @@
-"""`nemo-adapt eval RUN_DIR`: evaluate a finished run's adapter on its test split (one process).
+"""`nemo-adapt eval RUN_DIR`: evaluate on a finished run's test split (one process).
 
-The follow-up job of `nemo-adapt launch --chain eval`. Reads the run's resolved config
-(RUN_DIR/config.yaml) and adapter artifact (RUN_DIR/adapter, or `--adapter DIR`: another adapter of the
-same base, ours or Hugging Face PEFT), rebuilds the base model with the method applied, loads the adapter
-tensors, generates answers for data.test and scores them (exact match). Writes RUN_DIR/eval.json and
-prints the score.
+The follow-up job of `nemo-adapt launch --chain eval`. Reads the run's resolved config (RUN_DIR/config.yaml)
+and evaluates, on its test split, one of:
+
+- the run's adapter (RUN_DIR/adapter) -> RUN_DIR/eval.json;
+- `--adapter DIR`: another adapter of the same base, ours or Hugging Face PEFT -> eval_<parent>_<dir>.json;
+- `--model CHECKPOINT`: a model without an adapter — a merged export, a full fine-tuning result, any
+  checkpoint of the run's architecture — asked the way the adapter was trained -> eval_model_<name>.json;
+- `--baseline [--few-shot K]`: the prompt-only baselines (the run's base given the full instructions,
+  zero-shot and K-shot) -> eval_baseline.json.
+
+Every result carries all task metrics with 95% bootstrap intervals (`eval.metrics`) and its provenance: the
+test file's hash, chat-template hash, system prompt, generation settings, model and adapter fingerprints and
+the code version. Predictions go to predictions_<result file stem>.jsonl beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -45,6 +56,83 @@ def load_task(run_dir: str | Path):
     return cfg, records
 
 
+@contextlib.contextmanager
+def opened_model(cfg, checkpoint: str | None = None, model_name: str | None = None, files=None):
+    """A model to evaluate in this process: the checkpoint (default: the run's base), with the adapter `files`
+    (`artifacts.adapter.open_adapter`) applied when given. The parallel runtime is shut down on exit.
+
+    Yields:
+        (model, tokenizer, source, adapter or None).
+
+    Raises:
+        CheckpointError / ConfigError: the checkpoint cannot be opened as `model_name`, or the adapter does not
+            belong to it (fingerprint, shapes) — checked before the model is built.
+    """
+    from nemo_adapt.artifacts.adapter import apply_adapter, load_adapter
+    from nemo_adapt.models.builder import BuildOptions
+    from nemo_adapt.models.loader import load_model, open_source
+    from nemo_adapt.parallel import runtime
+    from nemo_adapt.peft.base import apply_peft
+    from nemo_adapt.tokenizer import load_tokenizer
+    from nemo_adapt.training.engine import resolve_dtype
+
+    runtime.initialize(runtime.ParallelLayout(), seed=cfg.run.seed)
+    try:
+        source = open_source(checkpoint or cfg.model.checkpoint, model_name or cfg.model.name)
+        adapter = load_adapter(files, source) if files is not None else None
+        model, source = load_model(source, options=BuildOptions(params_dtype=resolve_dtype(cfg.train.precision)))
+        tokenizer = load_tokenizer(source.tokenizer_path)
+        if adapter is not None:
+            apply_peft(model, adapter.config, seed=cfg.run.seed, tokenizer=tokenizer)
+            apply_adapter(model, adapter)
+        yield model, tokenizer, source, adapter
+    finally:
+        runtime.shutdown()
+
+
+def provenance(cfg, source, tokenizer, files=None, *, split: str, instructions: str) -> dict:
+    """What an evaluation result depends on, for comparing results and for the registry.
+
+    Args:
+        cfg: the run's config (data, eval settings).
+        source: the opened model checkpoint.
+        tokenizer: its tokenizer (chat template).
+        files: the opened adapter, or None.
+        split: the test file evaluated.
+        instructions: how prompts were asked: `adapter` (the run's data.system_prompt, as trained) or `full`
+            (the records' own instructions, as the baselines are).
+
+    Returns:
+        {"test_file", "test_sha256", "chat_template_sha256", "system_prompt", "instructions", "generation",
+         "metric", "model", "adapter", "code_version"}.
+    """
+    from nemo_adapt.data.fingerprint import sha256_file
+    from nemo_adapt.models.loader import base_fingerprint
+    from nemo_adapt.provenance import code_version
+
+    template = getattr(tokenizer, "chat_template", None) or ""
+    adapter = None
+    if files is not None:
+        weights = next((f for f in sorted(Path(files.path).glob("adapter_model.*")) if f.is_file()), None)
+        adapter = {"path": str(files.path), "format": files.format,
+                   "weights_sha256": sha256_file(weights) if weights else None,
+                   "step": files.description.get("step")}
+    e = cfg.eval
+    return {
+        "test_file": str(split), "test_sha256": sha256_file(split),
+        "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
+        "system_prompt": cfg.data.system_prompt if instructions == "adapter" else None,
+        "instructions": instructions,
+        "generation": {"decoding": "greedy", "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size,
+                       "max_examples": e.max_examples},
+        "metric": e.metric,
+        "model": {"checkpoint": str(source.location), "architecture": source.spec.name,
+                  "fingerprint": base_fingerprint(source)},
+        "adapter": adapter,
+        "code_version": code_version(),
+    }
+
+
 def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: str | None = None, files=None,
                      max_examples: int | None = None, label: str = "adapted") -> dict:
     """Score a model on a task's test records (one process): a checkpoint, with an adapter when `files` is given.
@@ -59,90 +147,160 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
         label: the result's label.
 
     Returns:
-        The result of `evaluate_task` (label, exact_match, correct, n, predictions, over_length, ...).
+        The result of `evaluate_task` (label, exact_match, correct, n, metrics, predictions, over_length, ...)
+        with its "provenance".
     """
-    import dataclasses
-
-    from nemo_adapt.artifacts.adapter import apply_adapter, load_adapter
     from nemo_adapt.eval.runner import describe_fit, evaluate_task
-    from nemo_adapt.models.builder import BuildOptions
-    from nemo_adapt.models.loader import load_model, open_source
-    from nemo_adapt.parallel import runtime
-    from nemo_adapt.peft.base import apply_peft
-    from nemo_adapt.tokenizer import load_tokenizer
-    from nemo_adapt.training.engine import resolve_dtype
 
-    runtime.initialize(runtime.ParallelLayout(), seed=cfg.run.seed)
-    try:
-        source = open_source(checkpoint or cfg.model.checkpoint, model_name or cfg.model.name)
-        # Converted and checked against the base (fingerprint, shapes) before the model is built.
-        adapter = load_adapter(files, source) if files is not None else None
-        model, source = load_model(source, options=BuildOptions(params_dtype=resolve_dtype(cfg.train.precision)))
-        tokenizer = load_tokenizer(source.tokenizer_path)
-        if adapter is not None:
-            apply_peft(model, adapter.config, seed=cfg.run.seed, tokenizer=tokenizer)
-            apply_adapter(model, adapter)
+    with opened_model(cfg, checkpoint, model_name, files) as (model, tokenizer, source, _):
         eval_cfg = dataclasses.replace(cfg.eval, max_examples=max_examples or cfg.eval.max_examples)
         result = evaluate_task(model, tokenizer, source.spec, records, eval_cfg, label=label,
                                over_length=cfg.data.over_length)
         line = describe_fit(result["over_length"])
         if line:
             print(line, flush=True)
-    finally:
-        runtime.shutdown()
+        result["provenance"] = provenance(cfg, source, tokenizer, files, split=cfg.data.test, instructions="adapter")
     return result
 
 
-def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_dir: str | Path | None = None) -> dict:
-    """Evaluate the adapter of a run on its test split.
+def _tag(path: Path, parent: bool = True) -> str:
+    """A file-name-safe tag for a directory: its name, after its parent's when `parent`."""
+    where = f"{path.resolve().parent.name}_{path.name}" if parent else path.name
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in where)
+
+
+def _write(run_dir: Path, stem: str, result: dict) -> dict:
+    """Predictions to predictions_<stem>.jsonl, the result (with "written") to <stem>.json; returns it."""
+    from nemo_adapt.eval.runner import write_predictions
+
+    result = write_predictions(result, run_dir / f"predictions_{stem}.jsonl")
+    result = {**result, "run_dir": str(run_dir), "written": str(run_dir / f"{stem}.json")}
+    Path(result["written"]).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_dir: str | Path | None = None,
+                 *, model: str | None = None) -> dict:
+    """Evaluate a run's adapter — or another adapter, or a model without one — on the run's test split.
 
     Args:
         run_dir: a run directory written by `nemo-adapt run` (config.yaml, adapter/).
         max_examples: evaluate at most this many test examples (default: the recipe's eval.max_examples).
         adapter_dir: evaluate this adapter instead of the run's (ours or Hugging Face PEFT; it must belong
             to the run's base model), on the run's task; written to RUN_DIR/eval_<parent>_<directory>.json.
+        model: evaluate this checkpoint of the run's architecture with no adapter (a merged export, a full
+            fine-tuning result), asked the way the adapter was trained; written to RUN_DIR/eval_model_<name>.json.
 
     Returns:
-        The result of `evaluate_task` (label, exact_match, correct, n, ...).
+        The result of `evaluate_task` (label, exact_match, correct, n, metrics, provenance, written, ...).
 
     Raises:
-        ConfigError: no config, no test split, a full fine-tuning run (no adapter artifact), or an HF PEFT
-            adapter this model cannot represent.
-        CheckpointError: the adapter is not an adapter directory or does not match the model.
+        ConfigError: no config, no test split, both an adapter and a model, a full fine-tuning run without
+            `model` (no adapter artifact), or an HF PEFT adapter this model cannot represent.
+        CheckpointError: the adapter is not an adapter directory or does not match the model; the model
+            cannot be opened.
     """
     from nemo_adapt.artifacts.adapter import open_adapter
-    from nemo_adapt.eval.runner import write_predictions
 
     run_dir = Path(run_dir)
+    if adapter_dir is not None and model is not None:
+        raise ConfigError("pass --adapter or --model, not both (a model with an adapter folded in: export it "
+                          "merged first, then evaluate it with --model)")
     cfg, records = load_task(run_dir)
+    if model is not None:
+        result = evaluate_on_task(cfg, records, checkpoint=str(model), max_examples=max_examples, label="model")
+        return _write(run_dir, f"eval_model_{_tag(Path(model), parent=False)}", {**result, "model": str(model)})
     if adapter_dir is None and cfg.peft.method == "none":
-        raise ConfigError(f"{str(run_dir)!r} is a full fine-tuning run; `nemo-adapt eval` evaluates adapters")
+        raise ConfigError(f"{str(run_dir)!r} is a full fine-tuning run; evaluate its exported model with "
+                          "`nemo-adapt eval RUN --model DIR`")
     files = open_adapter(run_dir / "adapter" if adapter_dir is None else adapter_dir)
     result = evaluate_on_task(cfg, records, files=files, max_examples=max_examples)
     # The run's own adapter writes eval.json; another one its own files beside it, never over the run's, named
     # by its directory and the one above it (a run's adapter is always `adapter/`).
-    where = f"{files.path.resolve().parent.name}_{files.path.name}"
-    tag = "" if adapter_dir is None else "_" + "".join(c if c.isalnum() or c in "-." else "_" for c in where)
-    result = write_predictions(result, run_dir / f"predictions_eval{tag}.jsonl")
-    result = {**result, "run_dir": str(run_dir), "adapter": str(files.path), "adapter_format": files.format,
-              "adapter_step": files.description.get("step"), "written": str(run_dir / f"eval{tag}.json")}
-    Path(result["written"]).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return result
+    stem = "eval" if adapter_dir is None else f"eval_{_tag(files.path)}"
+    return _write(run_dir, stem, {**result, "adapter": str(files.path), "adapter_format": files.format,
+                                  "adapter_step": files.description.get("step")})
+
+
+def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None,
+                              max_examples: int | None = None) -> dict[str, dict]:
+    """The prompt-only baselines of a run's task: its base model, no adapter, given the test records' full
+    instructions, zero-shot and k-shot (`eval.runner.evaluate_baselines`); the best is "baseline".
+
+    Args:
+        run_dir: a run directory.
+        few_shot: k worked examples from the training split (default: the recipe's eval.baseline_few_shot).
+        max_examples: evaluate at most this many test examples.
+
+    Returns:
+        {"baseline": best result, "baseline_<k>shot": the others}, each with provenance; written together to
+        RUN_DIR/eval_baseline.json (predictions to predictions_eval_baseline[_<k>shot].jsonl).
+
+    Raises:
+        ConfigError: no config or test split; k negative or more than the valid training records — before
+            any model is loaded.
+    """
+    from nemo_adapt.data.formats import load_records
+    from nemo_adapt.eval.runner import baseline_shots, describe_fit, evaluate_baselines, write_predictions
+
+    run_dir = Path(run_dir)
+    cfg, _ = load_task(run_dir)
+    k = cfg.eval.baseline_few_shot if few_shot is None else few_shot
+    if k < 0:
+        raise ConfigError(f"--few-shot={k}: the number of worked examples must be 0 or more")
+    d = cfg.data
+    test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, max_record_bytes=d.max_record_bytes,
+                        warn=False, key="data.test")
+    train = load_records(d.train, d.format, "skip", d.system_prompt, max_record_bytes=d.max_record_bytes, warn=False)
+    baseline_shots(train, k, cfg.run.seed)  # refuse a k the training split cannot give, before loading the model
+    eval_cfg = dataclasses.replace(cfg.eval, baseline_few_shot=k, max_examples=max_examples or cfg.eval.max_examples)
+    with opened_model(cfg) as (model, tokenizer, source, _):
+        results = evaluate_baselines(model, tokenizer, source.spec, test, train, eval_cfg, cfg.run.seed,
+                                     over_length=d.over_length)
+        cfg = dataclasses.replace(cfg, eval=eval_cfg)
+        where = provenance(cfg, source, tokenizer, split=d.test, instructions="full")
+    for r in results.values():
+        line = describe_fit(r["over_length"], "data.test (prompt-only baseline)")
+        if line:
+            print(line, flush=True)
+    written = run_dir / "eval_baseline.json"
+    out = {key: {**write_predictions(r, run_dir / f"predictions_eval_{key}.jsonl"), "provenance": where}
+           for key, r in results.items()}
+    written.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return {key: {**r, "written": str(written)} for key, r in out.items()}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a finished run's adapter on its test split")
+    p = sub.add_parser("eval", help="evaluate on a finished run's test split: its adapter, another adapter, a "
+                       "model, or the prompt-only baselines")
     p.add_argument("run_dir", help="run directory (runs/<name>)")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate at most this many test examples")
-    p.add_argument("--adapter", default=None, help="evaluate this adapter directory instead of the run's own "
-                   "(a nemo-adapt artifact or a Hugging Face PEFT adapter of the same base model)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--adapter", default=None, help="evaluate this adapter directory instead of the run's own "
+                      "(a nemo-adapt artifact or a Hugging Face PEFT adapter of the same base model)")
+    what.add_argument("--model", default=None, help="evaluate this checkpoint without an adapter (a merged "
+                      "export, a full fine-tuning result), asked the way the run's adapter was trained")
+    what.add_argument("--baseline", action="store_true", help="evaluate the prompt-only baselines: the base model "
+                      "given the full instructions, zero-shot and --few-shot K")
+    p.add_argument("--few-shot", type=int, default=None, metavar="K", help="with --baseline: also score a K-shot "
+                   "baseline (K worked examples from the training split; default: the recipe's "
+                   "eval.baseline_few_shot)")
 
     def run(args) -> int:
-        from nemo_adapt.eval.runner import fit_note
+        from nemo_adapt.eval.runner import describe_result
 
-        result = evaluate_run(args.run_dir, args.max_examples, args.adapter)
-        print(f"{result['label']}: exact match {result['exact_match']:.3f} ({result['correct']}/{result['n']}"
-              f"{fit_note(result)}); "
+        if args.few_shot is not None and not args.baseline:
+            raise ConfigError("--few-shot applies to --baseline (the prompt-only baselines)")
+        if args.baseline:
+            results = evaluate_baselines_of_run(args.run_dir, args.few_shot, args.max_examples)
+            metric = results["baseline"]["provenance"]["metric"]
+            for key, r in results.items():
+                best = " (best)" if key == "baseline" and len(results) > 1 else ""
+                print(f"{r['label']}{best}: {describe_result(r, metric)}", flush=True)
+            print(f"written {results['baseline']['written']}", flush=True)
+            return 0
+        result = evaluate_run(args.run_dir, args.max_examples, args.adapter, model=args.model)
+        print(f"{result['label']}: {describe_result(result, result['provenance']['metric'])}; "
               f"written {result['written']}", file=sys.stdout, flush=True)
         return 0
 

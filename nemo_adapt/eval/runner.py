@@ -1,5 +1,6 @@
-"""Task evaluation: generate answers for the test split and score them (exact match), for the
-adapted model and for the prompt-only baseline (same instructions, optional few-shot, no training).
+"""Task evaluation: generate answers for the test split and score them (`eval.metrics`: exact match,
+token F1, per-field and label accuracy, each with a bootstrap interval), for the adapted model and for the
+prompt-only baselines (the base model given the full instructions, zero-shot and k-shot, no training).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from nemo_adapt.config.schema import EvalConfig
 from nemo_adapt.data.tokenize import encode_prompt
 from nemo_adapt.errors import ConfigError
+from nemo_adapt.eval.metrics import task_metrics, task_score
 from nemo_adapt.eval.task import baseline_messages, exact_match, few_shot_messages
 from nemo_adapt.generation.generate import SamplingParams, generate, stop_token_ids
 from nemo_adapt.models.builder import model_chunks
@@ -114,6 +116,7 @@ def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, sh
 
     Returns:
         {"label", "exact_match", "correct", "n", "seconds", "examples_per_s", "prompt_tokens_mean",
+         "metrics": every task metric with its interval (`eval.metrics.task_metrics`),
          "over_length": the `fit_prompts` report,
          "samples": first 20 (prompt tail, prediction, reference, correct),
          "predictions": every record's (file line, prediction, reference, correct), for
@@ -148,6 +151,7 @@ def evaluate_task(model, tokenizer, spec, records: Sequence, cfg: EvalConfig, sh
         "seconds": round(seconds, 2),
         "examples_per_s": round(n / seconds, 3) if seconds else None,
         "prompt_tokens_mean": round(sum(len(p) for p in prompts) / max(n, 1), 1),
+        "metrics": task_metrics(predictions, [r.answer for r in records]),
         "over_length": fit,
         "samples": [
             {"prompt": r.prompt[-1]["content"][-200:], "prediction": p, "reference": r.answer, "correct": c}
@@ -185,3 +189,52 @@ def baseline_shots(train_records: Sequence, k: int, seed: int) -> list[dict]:
         raise ConfigError(f"eval.baseline_few_shot={k} asks for more worked examples than the {len(train_records)} "
                           f"valid training records; lower it")
     return few_shot_messages(train_records, k, seed) if k else []
+
+
+def evaluate_baselines(model, tokenizer, spec, test: Sequence, train: Sequence, cfg: EvalConfig, seed: int,
+                       over_length: str = "truncate") -> dict[str, dict]:
+    """The prompt-only baselines: the model as given (call it with adapters disabled, or on the base) asked
+    with the records' full instructions, zero-shot and — with `eval.baseline_few_shot` k > 0 — with k worked
+    examples from the training split (seeded). The best by `eval.metric` is "the prompt-only baseline" (fewer
+    shots on a tie: cheaper to serve).
+
+    Args:
+        model, tokenizer, spec: as for `evaluate_task`.
+        test: test records with their own (full) instructions.
+        train: training records to draw the shots from.
+        cfg: evaluation settings (`baseline_few_shot`, `metric`, generation budget).
+        seed: the shots' sampling seed (the run's).
+        over_length: the recipe's `data.over_length`.
+
+    Returns:
+        {"baseline": the best result, and "baseline_<k>shot" for each other one}; each result is
+        `evaluate_task`'s with "shots": k and its label naming k.
+
+    Raises:
+        ConfigError: k is more than the valid training records (`baseline_shots`).
+    """
+    ks = [0] + ([cfg.baseline_few_shot] if cfg.baseline_few_shot else [])
+    shots = {k: baseline_shots(train, k, seed) for k in ks}  # a bad k is refused before any generation
+    runs = {k: {**evaluate_task(model, tokenizer, spec, test, cfg, shots[k], label=f"prompt-only baseline ({k}-shot)",
+                                over_length=over_length), "shots": k} for k in ks}
+    best = max(ks, key=lambda k: (task_score(runs[k]["metrics"], cfg.metric), -k))
+    return {"baseline": runs[best], **{f"baseline_{k}shot": runs[k] for k in ks if k != best}}
+
+
+def describe_result(result: dict, metric: str = "exact_match") -> str:
+    """One line for a result: the task metric with its 95% interval and count, per-field accuracies, fit notes.
+
+    Example: `exact match 0.810 [0.755, 0.865] (162/200); fields: team 0.950, priority 0.830`.
+    """
+    m = result.get("metrics") or {}
+    head = f"exact match {result['exact_match']:.3f}"
+    em = m.get("exact_match")
+    if em:
+        head += f" [{em['low']:.3f}, {em['high']:.3f}]"
+    head += f" ({result['correct']}/{result['n']}{fit_note(result)})"
+    if metric != "exact_match" and metric in m:
+        head += f"; {metric.replace('_', ' ')} {task_score(m, metric):.3f}"
+    fields = m.get("field_accuracy")
+    if fields:
+        head += "; fields: " + ", ".join(f"{k} {v['value']:.3f}" for k, v in fields.items())
+    return head

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemo_adapt.errors import ConfigError
+from nemo_adapt.provenance import code_version
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -143,20 +144,6 @@ def load_merge_config(path: str | Path, out: str | None = None) -> MergeConfig:
     return MergeConfig(method.name, models, Path(out_dir), str(base) if base else None, dict(params), dtype, path)
 
 
-def _code_version() -> str:
-    import subprocess
-
-    import nemo_adapt
-
-    version = getattr(nemo_adapt, "__version__", "0")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{version}+{commit}" if commit else version
-
-
 def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
     """Merge as `cfg` says and write the output directory (see the module docstring).
 
@@ -255,7 +242,7 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
             "architecture": spec.name,
             "tokenizer": tokenizer_from,
             "merge_file": str(cfg.source) if cfg.source else None,
-            "code_version": _code_version(),
+            "code_version": code_version(),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         (tmp / "merge_config.json").write_text(json.dumps(lineage, indent=2) + "\n")

@@ -79,7 +79,8 @@ def run(recipe: str, overrides: list[str]) -> int:
     from nemo_adapt.data import build_datasets
     from nemo_adapt.data.dataset import data_summary, print_data_report
     from nemo_adapt.data.formats import load_records
-    from nemo_adapt.eval.runner import baseline_shots, evaluate_task, write_predictions
+    from nemo_adapt.eval.metrics import task_score
+    from nemo_adapt.eval.runner import evaluate_baselines, evaluate_task, write_predictions
     from nemo_adapt.logging import RunLogger
     from nemo_adapt.models.builder import BuildOptions
     from nemo_adapt.models.loader import base_fingerprint, load_model_chunks
@@ -287,13 +288,14 @@ def run(recipe: str, overrides: list[str]) -> int:
                                              max_record_bytes=d.max_record_bytes, warn=False)
                 train_records = load_records(d.train, d.format, "skip", d.system_prompt,
                                              max_record_bytes=d.max_record_bytes, warn=False)
-                shots = baseline_shots(train_records, cfg.eval.baseline_few_shot, cfg.run.seed)
                 with adapters_disabled(module):
-                    results["baseline"] = evaluate_task(module, tokenizer, spec, baseline_test, cfg.eval, shots,
-                                                        label="prompt-only baseline", over_length=d.over_length)
+                    results.update(evaluate_baselines(module, tokenizer, spec, baseline_test, train_records, cfg.eval,
+                                                      cfg.run.seed, over_length=d.over_length))
             if main_rank:  # every record's prediction, for error analysis; results.json stays compact
                 results = {k: write_predictions(v, run_dir / f"predictions_{k}.jsonl") for k, v in results.items()}
             summary = {f"eval/{k}_exact_match": v["exact_match"] for k, v in results.items()}
+            summary.update({f"eval/{k}_{cfg.eval.metric}": task_score(v["metrics"], cfg.eval.metric)
+                            for k, v in results.items()})
             logger.update_summary(summary)
 
     # ---------------------------------------------------------------- cleanup
@@ -314,7 +316,7 @@ def run(recipe: str, overrides: list[str]) -> int:
                                "params_dtype": str(chunks[0].config.params_dtype).removeprefix("torch."),
                                "fp8": chunks[0].config.fp8, "model_chunks": len(chunks)}}
         (run_dir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        _print_results(results, run_dir, record)
+        _print_results(results, run_dir, record, cfg.eval.metric)
     logger.close(exit_code)
     preemption.restore()
     runtime.shutdown()
@@ -373,12 +375,12 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _print_results(results: dict, run_dir: Path, record: dict) -> None:
-    from nemo_adapt.eval.runner import fit_note
+def _print_results(results: dict, run_dir: Path, record: dict, metric: str) -> None:
+    from nemo_adapt.eval.runner import describe_result
 
-    for r in results.values():
-        print(f"{r['label']:>22}: exact match {r['exact_match']:.3f} ({r['correct']}/{r['n']}{fit_note(r)})",
-              flush=True)
+    for key, r in results.items():
+        label = r["label"] + (" (best)" if key == "baseline" and len(results) > 2 else "")
+        print(f"{label:>22}: {describe_result(r, metric)}", flush=True)
     if "adapted" in results and "baseline" in results and results["baseline"]["exact_match"] > 0:
         ratio = results["adapted"]["exact_match"] / results["baseline"]["exact_match"]
         print(f"{'improvement':>22}: {ratio:.1f}x the baseline", flush=True)

@@ -155,10 +155,11 @@ def check_test_split(cfg, source, tokenizer=None, announce: bool = True) -> dict
         {label: fit report} for `adapted` and (when it runs) `baseline`; empty without evaluation.
 
     Raises:
-        DataError / ConfigError: a bad test record, no room for a prompt, or (with
-            data.over_length=drop) no prompt that fits.
+        DataError / ConfigError: a bad test record, no room for a prompt, (with data.over_length=drop) no
+            prompt that fits, or a per-field eval.metric the answers cannot give.
     """
     from nemo_adapt.data.formats import load_records
+    from nemo_adapt.eval.metrics import check_task_metric
     from nemo_adapt.eval.runner import (
         baseline_shots,
         describe_fit,
@@ -178,6 +179,7 @@ def check_test_split(cfg, source, tokenizer=None, announce: bool = True) -> dict
     reports = {}
     test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt,
                         max_record_bytes=d.max_record_bytes, key="data.test")[:limit]
+    check_task_metric(e.metric, [r.answer for r in test], d.test)
     _, _, reports["adapted"] = fit_prompts(encode_test_prompts(tokenizer, test), test,
                                            prompt_budget(context, e.max_new_tokens, n_virtual), d.over_length)
     if cfg.peft.method != "none" and e.baseline:
