@@ -1,7 +1,8 @@
 """Adapters out and in at SmolLM2-135M scale (the embedded model, exported to a Hugging Face directory once):
 every method's HF PEFT export gives our logits and greedy tokens; an adapter made by `peft` itself imports and
-gives `PeftModel`'s logits; a LoRA folded into the weights at TP3 under torchrun writes the TP1 files and gives
-our adapted model's and `merge_and_unload()`'s logits."""
+gives `PeftModel`'s logits; a LoRA trained at TP3 and folded into the weights at TP3 under torchrun writes the TP1
+files and gives our adapted model's and `merge_and_unload()`'s logits. Every adapter of ours here is trained briefly
+first (a few optimizer steps through the engine), not set by hand."""
 
 import json
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from nemo_adapt.cli import main
-from tests.conftest import torchrun
+from tests.conftest import REPO, torchrun
+from tests.peft_reference import hf_model as _hf
+from tests.peft_reference import peft_logits_and_tokens
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 NEW_TOKENS = 16
@@ -35,13 +38,10 @@ def prompts(smollm2_hf):
     return torch.tensor([i[:n] for i in ids])  # equal lengths: no padding on either side
 
 
-def _ours(base, prompts, peft: dict | None = None, adapter_dir=None, out=None, scale: float = 0.01):
-    """Our model on `base`: with a method applied and its weights randomised (saved to `out`), or with the adapter
-    at `adapter_dir` loaded. Returns (logits, greedy tokens).
-
-    `scale` 0.01 moves SmolLM2's logits by about 1 to 5, as brief training does; much larger random updates
-    wreck the model (logits moved by 17 to 33 at 0.05) and amplify float32 rounding past 1e-4 on both sides
-    (the base models alone differ by 6e-5 on these prompts)."""
+def _ours(base, prompts, peft: dict | None = None, adapter_dir=None, out=None, model_name=None):
+    """Our model on `base` (opened as `model_name`, default: what its config says): with a method applied,
+    trained briefly and saved to `out`, or with the adapter at `adapter_dir` loaded. Returns (logits, greedy
+    tokens)."""
     from nemo_adapt.artifacts.adapter import apply_adapter, load_adapter, save_adapter
     from nemo_adapt.generation.generate import SamplingParams, forward_logits, generate
     from nemo_adapt.models.loader import base_fingerprint, load_model, open_source
@@ -49,33 +49,62 @@ def _ours(base, prompts, peft: dict | None = None, adapter_dir=None, out=None, s
     from nemo_adapt.peft.base import apply_peft, peft_config_class
 
     runtime.initialize(runtime.ParallelLayout(), seed=0)
-    source = open_source(str(base))
+    source = open_source(str(base), model_name)
     adapter = load_adapter(adapter_dir, source) if adapter_dir is not None else None
     model, source = load_model(source)
     spec = source.spec
     config = adapter.config if adapter is not None else peft_config_class(peft["method"])(**peft)
-    apply_peft(model, config, seed=0)
+    method = apply_peft(model, config, seed=0)
     if adapter is not None:
         apply_adapter(model, adapter)
-    elif peft["method"] == "prefix_tuning":
-        _prefix_from_activations(model, base, spec)
-        save_adapter(model, out, config, {"base_model": spec.name, "base_checkpoint": str(base),
-                                          "base_model_fingerprint": base_fingerprint(source)})
     else:
-        gen = torch.Generator().manual_seed(3)
-        with torch.no_grad():  # every adapter weight away from its start, as training leaves them
-            for name, p in model.named_parameters():
-                if getattr(p, "is_adapter", False):
-                    noise = torch.randn(p.shape, generator=gen)
-                    identity_start = name.endswith("magnitude.weight") or ".scaling." in name
-                    p.copy_(p * (1 + scale * noise) if identity_start else
-                            (p + scale * noise if "virtual_prompt" in name or "prefix" in name else scale * noise))
+        if peft["method"] == "prefix_tuning":
+            _prefix_from_activations(model, base, spec)
+        _train_briefly(model, method, config, base)
         save_adapter(model, out, config, {"base_model": spec.name, "base_checkpoint": str(base),
                                           "base_model_fingerprint": base_fingerprint(source)})
     logits = forward_logits(model, prompts, spec.vocab_size, spec.hidden_size)
     tokens = generate(model, prompts.tolist(), SamplingParams(max_new_tokens=NEW_TOKENS), set(), spec.vocab_size,
                       spec.hidden_size)
     return logits, tokens
+
+
+# Brief training: 4 AdamW steps on 4 short tickets (one per padded row), through the engine a run uses. The rates
+# move SmolLM2's logits by about 1 to 5 on the prompts, as a short real run does; far larger moves wreck the model
+# and amplify float32 rounding past 1e-4 on both sides (the base models alone differ by 6e-5 on these prompts).
+TRAIN_TEXTS = ["Ticket: VPN drops every hour. Team: network. Priority: high.",
+               "Ticket: need a new mouse. Team: hardware. Priority: low.",
+               "Ticket: payroll export fails. Team: finance-apps. Priority: high.",
+               "Ticket: password reset for a contractor. Team: identity. Priority: medium."]
+TRAIN_STEPS, TRAIN_SEQ = 4, 24
+TRAIN_LR = {"lora": 2e-3, "dora": 2e-3, "ia3": 2e-2, "prompt_tuning": 2e-2, "p_tuning": 2e-4, "prefix_tuning": 2e-2}
+
+
+def _train_briefly(model, method, peft_config, base) -> None:
+    from nemo_adapt.config.schema import RecipeConfig
+    from nemo_adapt.tokenizer import load_tokenizer
+    from nemo_adapt.training import engine
+
+    cfg = RecipeConfig()
+    cfg.peft = peft_config
+    cfg.train.global_batch_size = cfg.train.micro_batch_size = len(TRAIN_TEXTS)
+    cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps = TRAIN_LR[peft_config.method], "constant", 0
+    model.config.calculate_per_token_loss = True
+    ddp = engine.wrap_ddp(model, cfg)
+    optimizer = engine.build_optimizer(ddp, cfg, method.lr_multipliers())
+    engine.connect_schedule_hooks(ddp, optimizer)
+    tok = load_tokenizer(base)
+    rows = {k: torch.zeros(len(TRAIN_TEXTS), TRAIN_SEQ, dtype=torch.long) for k in ("tokens", "labels", "segment_ids")}
+    rows["loss_mask"] = torch.zeros(len(TRAIN_TEXTS), TRAIN_SEQ)
+    rows["position_ids"] = torch.arange(TRAIN_SEQ).expand(len(TRAIN_TEXTS), -1).clone()
+    for i, text in enumerate(TRAIN_TEXTS):
+        ids = torch.tensor(tok(text)["input_ids"][:TRAIN_SEQ + 1])
+        n = len(ids) - 1
+        rows["tokens"][i, :n], rows["labels"][i, :n] = ids[:-1], ids[1:]
+        rows["segment_ids"][i, :n], rows["loss_mask"][i, :n] = 1, 1.0
+    losses = [engine.train_step(ddp, optimizer, [rows], TRAIN_SEQ, len(TRAIN_TEXTS), cfg.optim.lr)[0]
+              for _ in range(TRAIN_STEPS)]
+    assert losses[-1] < losses[0], f"{peft_config.method}: brief training did not lower the loss: {losses}"
 
 
 CONTEXT = "You sort IT support tickets by team and priority."
@@ -103,32 +132,6 @@ def _prefix_from_activations(model, base, spec) -> int:
     return n
 
 
-def _hf(base):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
-
-
-def _peft_logits_and_tokens(base, peft_dir, prompts, generate=True):
-    """PeftModel's logits on `prompts` and its greedy continuation: with `generate` (KV cache), else one full
-    `PeftModel.forward` per token. peft 0.21.2's `generate` under transformers 5 mis-decodes prompt-learning
-    adapters (README): with a cache it re-injects the virtual tokens, and without one its prefix-tuning positions
-    drift from `forward`'s after a few tokens on SmolLM2, so those are decoded by forwards."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(_hf(base), str(peft_dir)).eval()
-    with torch.no_grad():
-        logits = model(input_ids=prompts).logits[:, -prompts.shape[1]:]
-        if generate:
-            out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                 max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
-        else:
-            out = prompts
-            for _ in range(NEW_TOKENS):
-                out = torch.cat([out, model(input_ids=out).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return logits, out[:, prompts.shape[1]:].tolist()
-
-
 METHODS = [
     {"method": "lora", "rank": 8, "alpha": 16},
     # DoRA on the fused layers only (their magnitudes split into q/k/v and gate/up): it takes every weight's row
@@ -146,7 +149,8 @@ def test_smollm2_export_of_every_method_gives_our_logits_and_tokens(tmp_path, sm
     ours, our_tokens = _ours(smollm2_hf, prompts, peft, out=tmp_path / "artifact")
     assert main(["export", str(tmp_path / "peft"), "--adapter", str(tmp_path / "artifact"), "--format", "peft"]) == 0
     virtual = peft["method"] in ("prompt_tuning", "p_tuning", "prefix_tuning")
-    theirs, their_tokens = _peft_logits_and_tokens(smollm2_hf, tmp_path / "peft", prompts, generate=not virtual)
+    theirs, their_tokens = peft_logits_and_tokens(smollm2_hf, tmp_path / "peft", prompts, NEW_TOKENS,
+                                                  use_generate=not virtual)
     with torch.no_grad():
         base = _hf(smollm2_hf)(prompts).logits
     assert (theirs - base).abs().max() > 1e-2, "the adapter changed nothing"
@@ -187,12 +191,24 @@ def test_smollm2_adapter_made_by_peft_imports_with_peft_model_logits(tmp_path, s
     assert back.tensors.keys() == saved.keys() and all(torch.equal(back.tensors[k], saved[k]) for k in saved)
 
 
-def test_smollm2_lora_merged_at_tp3_equals_tp1_our_model_and_merge_and_unload(tmp_path, smollm2_hf, prompts):
+def test_smollm2_lora_trained_and_merged_at_tp3_equals_tp1_our_model_and_merge_and_unload(tmp_path, smollm2_hf,
+                                                                                          prompts):
+    """The shipped LoRA recipe trained for 3 steps at TP3 (SmolLM2's 9 heads in 3 KV groups split 3 ways), then
+    folded into the base at TP3 and at TP1: the same files; `transformers` on the TP3 export gives our adapted
+    model's logits and HF PEFT's `merge_and_unload()`'s within 1e-4."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    ours, _ = _ours(smollm2_hf, prompts, {"method": "lora", "rank": 8, "alpha": 16}, out=tmp_path / "artifact")
-    art = str(tmp_path / "artifact")
+    run_dir = tmp_path / "run"
+    torchrun(3, "-m nemo_adapt.cli", "run", str(REPO / "recipes" / "smollm2_135m_lora.yaml"),
+             f"run.output_dir={run_dir}", "run.max_steps=3", "run.eval_batches=1", f"model.checkpoint={smollm2_hf}",
+             "data.seq_length=128", "parallel.tensor=3", "optim.warmup_steps=0", "optim.lr=2e-3",
+             "eval.enabled=false", timeout=900)
+    art = str(run_dir / "adapter")
+    from nemo_adapt.config import load_resolved
+
+    assert load_resolved(run_dir / "config.yaml").parallel.tensor == 3
+    ours, _ = _ours(smollm2_hf, prompts, adapter_dir=run_dir / "adapter", model_name="smollm2_135m")
     assert main(["export", str(tmp_path / "tp1"), "--adapter", art]) == 0
     torchrun(3, "-m nemo_adapt.cli", "export", str(tmp_path / "tp3"), "--adapter", art, "--tensor-parallel", "3",
              timeout=900)
@@ -203,6 +219,7 @@ def test_smollm2_lora_merged_at_tp3_equals_tp1_our_model_and_merge_and_unload(tm
     assert sorted(p.name for p in (tmp_path / "tp3").iterdir()) == sorted(p.name for p in (tmp_path / "tp1").iterdir())
     with torch.no_grad():
         merged = _hf(tmp_path / "tp3")(prompts).logits
+        assert (merged - _hf(smollm2_hf)(prompts).logits).abs().max() > 1e-2, "3 steps of training changed nothing"
     assert (merged - ours).abs().max() <= TOL
     assert main(["export", str(tmp_path / "peft"), "--adapter", art, "--format", "peft"]) == 0
     unloaded = PeftModel.from_pretrained(_hf(smollm2_hf), str(tmp_path / "peft")).merge_and_unload().eval()
