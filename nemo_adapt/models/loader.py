@@ -9,12 +9,13 @@ A checkpoint is named by one of:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from nemo_adapt.errors import CheckpointError
-from nemo_adapt.models.spec import ModelSpec, get_model_spec
+from nemo_adapt.models.spec import ModelSpec, get_model_spec, registered_name
 from nemo_adapt.models.weights import TensorSource
 
 
@@ -56,7 +57,8 @@ def open_source(checkpoint: str | os.PathLike, model: str | ModelSpec | None = N
         checkpoint: an HF directory, a .gguf file, `embedded:...` or `random:...`.
         model: a registered architecture (name or spec) the checkpoint must have the shapes of; the
             settings the checkpoint states (rope, context, norm epsilon, bos/eos ids) are used over its
-            own, with a `CheckpointSettingWarning` naming each that differs. None: the checkpoint's own.
+            own, with a `CheckpointSettingWarning` naming each that differs. None: the checkpoint's own,
+            named after the registered architecture it matches exactly (`models.spec.registered_name`).
 
     Returns:
         The opened `CheckpointSource` (no weights read yet).
@@ -76,10 +78,14 @@ def open_source(checkpoint: str | os.PathLike, model: str | ModelSpec | None = N
                 f"checkpoint file {str(path)!r} is not a .gguf file; other single files (.bin, .pt, .ckpt) "
                 "are pickles and are not loaded"
             )
-        spec, src = gguf_io.open_gguf(path, spec)
-        return CheckpointSource(spec, src, path, str(path))
-    spec, src = hf.open_checkpoint(path, spec)
-    return CheckpointSource(spec, src, path, str(path))
+        opened, src = gguf_io.open_gguf(path, spec)
+    else:
+        opened, src = hf.open_checkpoint(path, spec)
+    if spec is None:  # unnamed: the registered architecture it is, when exactly one matches
+        name = registered_name(opened)
+        if name is not None and name != opened.name:
+            opened = dataclasses.replace(opened, name=name)
+    return CheckpointSource(opened, src, path, str(path))
 
 
 def base_fingerprint(source: CheckpointSource) -> str:

@@ -259,6 +259,28 @@ def get_model_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
+def registered_name(spec: ModelSpec) -> str | None:
+    """The registered architecture a checkpoint's own spec is: the one registered spec that computes the same
+    model (every field but the name, description and the pass-through `hf_extra`/`hf_generation_extra` equal;
+    head_dim compared as resolved), or None when none or several do.
+
+    A checkpoint opened without naming its architecture then gets the registered name — so the same weights
+    have one fingerprint (`models.loader.base_fingerprint` covers the name) however they are opened.
+    """
+    import dataclasses
+
+    def key(s: ModelSpec) -> dict:
+        d = dataclasses.asdict(s)
+        for k in ("name", "description", "hf_extra", "hf_generation_extra"):
+            d.pop(k, None)
+        d["head_dim"] = s.head_dim or s.hidden_size // s.num_attention_heads
+        return d
+
+    mine = key(spec)
+    matches = [name for name, r in list_models().items() if key(r) == mine]
+    return matches[0] if len(matches) == 1 else None
+
+
 def list_models() -> dict[str, ModelSpec]:
     """All registered specs by name."""
     _load_families()

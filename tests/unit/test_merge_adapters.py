@@ -87,8 +87,12 @@ def test_adapter_parents_are_refused_before_anything_is_written(tmp_path, base_d
     theirs = _artifact(other, tmp_path / "theirs", {"method": "lora", "rank": 4, "alpha": 8})
     prompt = tmp_path / "prompt"
     prompt.mkdir()
-    (prompt / "adapter_config.json").write_text(json.dumps({"peft": {"method": "prompt_tuning"},
-                                                            "base_checkpoint": str(base_dir)}))
+    import dataclasses
+
+    from nemo_adapt.peft.base import peft_config_class
+
+    settings = dataclasses.asdict(peft_config_class("prompt_tuning")())  # every setting, as save_adapter writes
+    (prompt / "adapter_config.json").write_text(json.dumps({"peft": settings, "base_checkpoint": str(base_dir)}))
     (prompt / "adapter_model.safetensors").write_bytes(b"")
     cases = [
         ({"merge_method": "linear", "models": [{"model": str(mine)}, {"model": str(theirs)}]},
@@ -146,3 +150,28 @@ def test_validate_scores_the_merge_on_a_run_task_and_records_it(tmp_path, capsys
     record = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
     assert record["status"] == "failed_validation" and record["validation"][0]["threshold"] == 0.5
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_ours_and_an_hf_peft_adapter_merge_over_a_base_opened_under_another_name(tmp_path, base_dir):
+    """The same base files, wherever they lie and however they are named, have one fingerprint: a checkpoint opened
+    without naming its architecture takes the registered name it matches, so our adapter (trained under the
+    registered name) and an HF PEFT adapter (which names none) are parents of one merge."""
+    import shutil
+
+    from peft import LoraConfig, TaskType
+
+    from nemo_adapt.models.loader import base_fingerprint, open_source
+    from tests.unit.test_hf_peft_import import _peft_made
+
+    copy = tmp_path / "downloaded_under_another_name"
+    shutil.copytree(base_dir, copy)
+    assert open_source(str(copy)).spec.name == "tiny_qwen2"
+    assert base_fingerprint(open_source(str(copy))) == base_fingerprint(open_source(str(base_dir), "tiny_qwen2"))
+    ours = _artifact(base_dir, tmp_path / "ours", {"method": "lora", "rank": 4, "alpha": 8})
+    _peft_made(copy, tmp_path / "theirs", LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, lora_alpha=4,
+                                                     target_modules=["v_proj"]))
+    merged = _merge(tmp_path, "mixed", {"merge_method": "linear", "base_model": str(copy),
+                                        "models": [{"model": str(ours)}, {"model": str(tmp_path / "theirs")}]})
+    assert merged
+    lineage = json.loads((tmp_path / "mixed" / "merge_config.json").read_text())
+    assert len({m["base_model_fingerprint"] for m in lineage["models"]}) == 1
