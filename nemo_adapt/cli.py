@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import warnings
 
@@ -64,11 +65,29 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    # `run` handles SIGTERM itself (checkpoint and requeue); every other command that writes (merge, export, eval)
+    # stages its output in a temporary directory and removes it in `except`/`finally`: SIGTERM (a Slurm time
+    # limit, `timeout`, `kill`) has to unwind through that cleanup instead of ending the process where it stands.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if args.command != "run" else None
     try:
         return int(args.func(args) or 0)
     except NemoAdaptError as err:
         print(f"nemo-adapt {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"nemo-adapt {args.command}: stopped by SIGTERM; nothing partial was left behind", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: a BaseException, so `except Exception` on the way cannot swallow it."""
+
+
+def _exit_on_sigterm(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

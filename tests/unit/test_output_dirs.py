@@ -36,3 +36,33 @@ def test_check_replaceable_cases(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     check_replaceable(tmp_path / "adapter")
+
+
+def test_sigterm_during_an_export_leaves_no_partial_directory(tmp_path):
+    """SIGTERM (a Slurm time limit, `timeout`, `kill`) while an export is being written: the command unwinds through
+    its cleanup — no destination, no temporary sibling — and exits 128 + 15."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "smollm2"
+    tmp = tmp_path / ".smollm2.tmp"
+    env = {**os.environ, "NEMO_ADAPT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_adapt.cli", "export", str(out), "--checkpoint",
+                             "embedded:smollm2_135m"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not tmp.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tmp.exists(), "the export never started writing"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM; nothing partial was left behind" in err
+    assert not tmp.exists() and not out.exists()
