@@ -135,12 +135,25 @@ def load_merge_config(path: str | Path, out: str | None = None) -> MergeConfig:
     for key in params:
         if key not in _PARAM_KEYS:
             raise _unknown(key, _PARAM_KEYS, f"{path}: parameters")
+    from nemo_adapt.merge import MergeParams
+
+    try:
+        merge_params = MergeParams(**{_PARAM_KEYS[k]: v for k, v in params.items()})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: parameters: {err}") from None
+    problem = method.check([float(m.weight) for m in models], merge_params) if method.check else None
+    if problem:
+        raise ConfigError(f"{path}: merge_method={method.name}: {problem}")
     dtype = str(data.get("dtype", "bfloat16"))
     if dtype not in DTYPES:
         raise ConfigError(f"{path}: dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     out_dir = out or data.get("out")
     if not out_dir:
         raise ConfigError(f"{path}: `out` (the output directory) is required, or pass --out")
+    for i, m in enumerate(models):
+        if ":" not in m.model and not Path(m.model).exists():  # embedded:/random: names are resolved later
+            raise ConfigError(f"{path}: models[{i}].model={m.model!r} does not exist; give a checkpoint (Hugging Face "
+                              "directory, .gguf file) or an adapter directory (ours or Hugging Face PEFT)")
     return MergeConfig(method.name, models, Path(out_dir), str(base) if base else None, dict(params), dtype, path)
 
 

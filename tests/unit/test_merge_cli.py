@@ -95,6 +95,17 @@ def test_task_arithmetic_and_ties_equal_the_method_applied_tensor_by_tensor(tmp_
      r"parameters: unknown key 'lamda'. Did you mean 'lambda'\?"),
     ({"merge_method": "linear", "models": ["A"], "dtype": "fp8", "out": "o"}, r"dtype='fp8'; allowed: float32"),
     ({"merge_method": "linear", "models": []}, r"`models` must be a non-empty list"),
+    ({"merge_method": "linear", "models": [{"model": "A", "weight": 1.0}, {"model": "B", "weight": -1.0}], "out": "o"},
+     r"merge_method=linear: the weights \[1.0, -1.0\] sum to 0, and parameters.normalize=true divides by that sum; "
+     r"set normalize: false"),
+    ({"merge_method": "slerp", "models": ["A", "B"], "parameters": {"t": 5}, "out": "o"},
+     r"merge_method=slerp: parameters.t=5 must be in \[0, 1\]"),
+    ({"merge_method": "slerp", "models": ["A", "B"], "parameters": {"t": "half"}, "out": "o"},
+     r"parameters: t='half' must be a finite number"),
+    ({"merge_method": "dare_linear", "base_model": "A", "models": ["A"], "parameters": {"seed": -3}, "out": "o"},
+     r"parameters: seed=-3 must be an integer >= 0"),
+    ({"merge_method": "linear", "models": ["missing/adapter"], "out": "o"},
+     r"models\[0\].model='missing/adapter' does not exist; give a checkpoint"),
 ])
 def test_bad_merge_files_are_refused_naming_the_key(tmp_path, body, match, capsys):
     cfg = _write(tmp_path, body)

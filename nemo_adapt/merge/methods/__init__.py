@@ -9,6 +9,7 @@ tensor. Everything is computed in fp32 (callers cast the result). Nothing else k
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,15 @@ class MergeParams:
     seed: int = 0
     """Seed of DARE's random drop (the same seed gives the same merge). The merge derives one seed per tensor
     and row block from it (`block_seed`), so no two blocks share a drop pattern."""
+
+    def __post_init__(self):
+        for key, value in (("lambda", self.lambda_), ("t", self.t)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{key}={value!r} must be a finite number")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize={self.normalize!r} must be true or false")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
 
 
 def block_seed(seed: int, name: str, start: int) -> int:
@@ -62,19 +72,24 @@ class MergeMethod:
     """The method starts by trimming each task vector to its density by magnitude (TIES) and is elementwise
     after that: the merge does the trim itself over row blocks (`magnitude_trim`, the same entries as
     `ties.trim_to_density`) and calls the method with every density 1."""
+    check: Callable[[Sequence[float], MergeParams], str | None] | None = None
+    """Validates the merge file's weights and parameters before anything is opened: returns what is wrong
+    (with what would be valid), or None."""
 
 
 _METHODS: dict[str, MergeMethod] = {}
 
 
 def merge_method(name: str, *, needs_base: bool, num_models: int | None = None, paper: str = "",
-                 elementwise: bool = False, trims_by_magnitude: bool = False):
-    """Decorator: register `fn(base, tensors, weights, densities, params) -> tensor` as merge method `name`."""
+                 elementwise: bool = False, trims_by_magnitude: bool = False, check=None):
+    """Decorator: register `fn(base, tensors, weights, densities, params) -> tensor` as merge method `name`
+    (`check(weights, params) -> problem or None` validates a merge file's values up front)."""
 
     def deco(fn: MergeFn) -> MergeFn:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        _METHODS[name] = MergeMethod(name, fn, needs_base, num_models, paper, elementwise, trims_by_magnitude)
+        _METHODS[name] = MergeMethod(name, fn, needs_base, num_models, paper, elementwise, trims_by_magnitude,
+                                     check)
         return fn
 
     return deco

@@ -15,7 +15,14 @@ PARALLEL_EPS = 1e-4
 """Below this angle (radians) sin(theta) is too small to divide by: linear interpolation instead."""
 
 
-@merge_method("slerp", needs_base=False, num_models=2, paper="Shoemake 1985 (SIGGRAPH)")
+def _check(weights, params) -> str | None:
+    if not 0.0 <= params.t <= 1.0:
+        return (f"parameters.t={params.t!r} must be in [0, 1] (0 gives the first model, 1 the second); SLERP does "
+                "not extrapolate")
+    return None
+
+
+@merge_method("slerp", needs_base=False, num_models=2, paper="Shoemake 1985 (SIGGRAPH)", check=_check)
 def slerp(base, tensors, weights, densities, params):
     """sin((1-t) theta)/sin(theta) a + sin(t theta)/sin(theta) b, theta the angle between a and b."""
     a, b = (x.float() for x in tensors)
