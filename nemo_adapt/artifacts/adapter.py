@@ -182,7 +182,9 @@ def open_adapter(path: str | os.PathLike) -> AdapterFiles:
         method = str(description["peft"]["method"])
         if get_peft_method(method) is None:
             raise CheckpointError(f"{cfg}: peft.method=none is a full fine-tuning run, which has no adapter")
-        return AdapterFiles(path, NEMO_ADAPT, description, method)
+        files = AdapterFiles(path, NEMO_ADAPT, description, method)
+        _our_config(files)  # a hand-edited or damaged config is refused now, before any weights are read
+        return files
     if "peft_type" in description:
         return AdapterFiles(path, HF_PEFT, description, method_for_hf_peft(description, str(cfg)).name)
     raise CheckpointError(f"{cfg} is neither a nemo-adapt adapter (no peft.method) nor a Hugging Face PEFT "
@@ -190,14 +192,32 @@ def open_adapter(path: str | os.PathLike) -> AdapterFiles:
 
 
 def _our_config(files: AdapterFiles) -> PeftConfig:
-    """The PeftConfig recorded in one of our artifacts (fields a later version dropped are ignored)."""
+    """The PeftConfig recorded in one of our artifacts (fields a later version dropped are ignored).
+
+    Raises:
+        CheckpointError: a setting that shapes the tensors is missing (`save_adapter` writes every one: the
+            file was edited or damaged; a default would silently describe another adapter), or a value is
+            invalid — both naming adapter_config.json.
+    """
     from dataclasses import fields
 
-    from nemo_adapt.peft.base import peft_config_class
+    from nemo_adapt.peft.base import get_peft_method, peft_config_class
 
     cls = peft_config_class(files.method)
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in files.description["peft"].items() if k in known})
+    recorded = files.description["peft"]
+    # The settings that shape the tensors must be there; training-only ones (dropout, learning-rate ratios) may
+    # default.
+    shaping = known - set(get_peft_method(files.method).training_fields) - {"method", "init_from"}
+    missing = sorted(shaping - set(recorded))
+    if missing:
+        raise CheckpointError(f"{files.path / CONFIG}: peft.{', peft.'.join(missing)} missing; an artifact records "
+                              f"the settings that shape its tensors ({files.method}) — the file was edited or "
+                              "damaged")
+    try:
+        return cls(**{k: v for k, v in recorded.items() if k in known})
+    except ConfigError as err:
+        raise CheckpointError(f"{files.path / CONFIG}: {err}") from None
 
 
 def check_adapter_base(files: AdapterFiles, source, base_name: str) -> None:

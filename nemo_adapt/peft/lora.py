@@ -394,7 +394,12 @@ class LoRA(PeftMethod):
             raise ConfigError("HF PEFT LoRA adapter holds no lora_A / lora_B tensors")
 
         shapes = hf_shapes(spec)
-        r_cfg = int(hf_config.get("r", 8))
+        r_cfg = hf_config.get("r", 8)
+        if not isinstance(r_cfg, int) or isinstance(r_cfg, bool) or r_cfg < 1:
+            raise ConfigError(f"r={r_cfg!r} must be a positive integer (HF PEFT's LoraConfig.r)")
+        alpha_cfg = hf_config.get("lora_alpha", 8)
+        if not isinstance(alpha_cfg, int | float) or isinstance(alpha_cfg, bool):
+            raise ConfigError(f"lora_alpha={alpha_cfg!r} must be a number (HF PEFT's LoraConfig.lora_alpha)")
         use_rslora = bool(hf_config.get("use_rslora", False))
 
         def scale_of(alpha: float, r: int) -> float:

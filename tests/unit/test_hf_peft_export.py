@@ -71,7 +71,11 @@ def test_export_refuses_another_base_and_houlsby_adapters(tmp_path, base_dir, ca
     assert main(["export", str(tmp_path / "x"), "--adapter", str(art), "--format", "peft", "--base", str(other)]) == 2
     assert "the adapter was trained on base model" in capsys.readouterr().err
     meta = json.loads((art / "adapter_config.json").read_text())
-    meta["peft"] = {"method": "adapter"}
+    import dataclasses
+
+    from nemo_adapt.peft.base import peft_config_class
+
+    meta["peft"] = dataclasses.asdict(peft_config_class("adapter")())
     (art / "adapter_config.json").write_text(json.dumps(meta))
     assert main(["export", str(tmp_path / "x"), "--adapter", str(art), "--format", "peft"]) == 2
     assert "has no Hugging Face PEFT form and cannot be merged into the base weights" in capsys.readouterr().err

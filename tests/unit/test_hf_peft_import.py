@@ -2,6 +2,7 @@
 `from_hf_peft` and applied to our Megatron model gives the logits `PeftModel` gives; export -> import returns the
 artifact's tensors."""
 
+import hashlib
 import json
 
 import pytest
@@ -206,7 +207,8 @@ def test_eval_and_generate_take_an_hf_peft_adapter(tmp_path, capsys, monkeypatch
     run_dir = tmp_path / "run"
     save_resolved(load_recipe(write_tiny_recipe(tmp_path, data, eval={"max_new_tokens": 6})), run_dir / "config.yaml")
     assert main(["eval", str(run_dir), "--adapter", str(tmp_path / "hf_lora")]) == 0
-    written = json.loads((run_dir / f"eval_{tmp_path.name}_hf_lora.json").read_text())
+    digest = hashlib.sha256(str((tmp_path / "hf_lora").resolve()).encode()).hexdigest()[:8]
+    written = json.loads((run_dir / f"eval_{tmp_path.name}_hf_lora-{digest}.json").read_text())
     assert written["adapter_format"] == "hf-peft" and written["n"] == 16
     assert not (run_dir / "eval.json").exists()
     assert "written" in capsys.readouterr().out
@@ -230,3 +232,32 @@ def test_eval_and_generate_take_an_hf_peft_adapter(tmp_path, capsys, monkeypatch
         {**config, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
     assert main(["generate", "--adapter", str(tmp_path / "hf_lora"), "hello"]) == 2
     assert "which is not a local checkpoint (no model hub is reached)" in capsys.readouterr().err
+
+
+def test_a_damaged_adapter_config_is_refused_naming_the_file_before_weights_are_read(tmp_path, base_dir):
+    """A setting that shapes the tensors missing or of the wrong type in our config, or a string `r` in HF PEFT's:
+    refused with adapter_config.json named — never a default standing in for what the adapter was trained with."""
+    from peft import LoraConfig, TaskType
+
+    from nemo_adapt.artifacts.adapter import open_adapter
+    from nemo_adapt.errors import CheckpointError, ConfigError
+    from tests.unit.test_hf_peft_export import _trained_artifact
+
+    art = tmp_path / "ours"
+    _trained_artifact(base_dir, art)
+    config = json.loads((art / "adapter_config.json").read_text())
+    for peft, message in (({k: v for k, v in config["peft"].items() if k != "rank"}, "peft.rank missing"),
+                          ({**config["peft"], "rank": "sixteen"}, "peft.rank='sixteen' must be an integer")):
+        (art / "adapter_config.json").write_text(json.dumps({**config, "peft": peft}))
+        (art / "adapter_model.safetensors").rename(art / "moved")  # proves no weights are needed to refuse it
+        (art / "adapter_model.safetensors").write_bytes(b"")
+        with pytest.raises(CheckpointError, match=message) as info:
+            open_adapter(art)
+        assert str(art / "adapter_config.json") in str(info.value)
+        (art / "moved").replace(art / "adapter_model.safetensors")
+    _peft_made(base_dir, tmp_path / "hf", LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, lora_alpha=4,
+                                                     target_modules=["q_proj"]))
+    hf_config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    (tmp_path / "hf" / "adapter_config.json").write_text(json.dumps({**hf_config, "r": "2"}))
+    with pytest.raises(ConfigError, match=r"hf: r='2' must be a positive integer"):
+        _ours(base_dir, tmp_path / "hf")

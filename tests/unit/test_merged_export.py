@@ -86,6 +86,10 @@ def test_merged_export_of_an_adapter_made_by_hf_peft(tmp_path, base_dir):
 
 
 def test_merged_export_refuses_methods_that_do_not_fold_before_writing(tmp_path, capsys):
+    import dataclasses
+
+    from nemo_adapt.peft.base import peft_config_class
+
     base = write_tiny_hf_checkpoint(tmp_path / "base", name="tiny_llama")
     for method, words in (("prefix_tuning", "--format peft, PREFIX_TUNING"),
                           ("prompt_tuning", "--format peft, PROMPT_TUNING"),
@@ -93,8 +97,8 @@ def test_merged_export_refuses_methods_that_do_not_fold_before_writing(tmp_path,
                           ("adapter", "Houlsby adapters add non-linear layers")):
         art = tmp_path / method
         art.mkdir()
-        (art / "adapter_config.json").write_text(json.dumps({"peft": {"method": method},
-                                                             "base_checkpoint": str(base)}))
+        settings = dataclasses.asdict(peft_config_class(method)())  # every setting, as save_adapter writes
+        (art / "adapter_config.json").write_text(json.dumps({"peft": settings, "base_checkpoint": str(base)}))
         (art / "adapter_model.safetensors").write_bytes(b"")
         assert main(["export", str(tmp_path / "out"), "--adapter", str(art)]) == 2
         err = capsys.readouterr().err
