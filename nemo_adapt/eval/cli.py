@@ -4,9 +4,10 @@ The follow-up job of `nemo-adapt launch --chain eval`. Reads the run's resolved 
 and evaluates, on its test split, one of:
 
 - the run's adapter (RUN_DIR/adapter) -> RUN_DIR/eval.json;
-- `--adapter DIR`: another adapter of the same base, ours or Hugging Face PEFT -> eval_<parent>_<dir>.json;
+- `--adapter DIR`: another adapter of the same base, ours or Hugging Face PEFT -> eval_<parent>_<dir>-<hash>.json
+  (hash: 8 hex digits of the directory's absolute path, so same-named adapters never overwrite each other);
 - `--model CHECKPOINT`: a model without an adapter — a merged export, a full fine-tuning result, any
-  checkpoint of the run's architecture — asked the way the adapter was trained -> eval_model_<name>.json;
+  checkpoint of the run's architecture — asked the way the adapter was trained -> eval_model_<name>-<hash>.json;
 - `--baseline [--few-shot K]`: the prompt-only baselines (the run's base given the full instructions,
   zero-shot and K-shot) -> eval_baseline.json.
 
@@ -22,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from nemo_adapt.errors import ConfigError
@@ -133,8 +135,31 @@ def provenance(cfg, source, tokenizer, files=None, *, split: str, instructions: 
     }
 
 
+def score_suites(model, tokenizer, spec, suites, base_answers: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """Regression suites on an opened model: {suite name: `suites.score_suite` result}.
+
+    The base model's answers, where a suite needs them, come from `base_answers` (another model, answered
+    before) or else from this model with its adapters bypassed (`adapters_disabled`).
+    """
+    from nemo_adapt.eval.suites import answer_suite, score_suite
+    from nemo_adapt.peft.base import adapters_disabled
+
+    out = {}
+    for suite in suites:
+        answers = answer_suite(model, tokenizer, spec, suite)
+        base = None
+        if suite.needs_base:
+            if base_answers is not None:
+                base = base_answers[suite.name]
+            else:
+                with adapters_disabled(model):
+                    base = answer_suite(model, tokenizer, spec, suite)
+        out[suite.name] = score_suite(suite, answers, base)
+    return out
+
+
 def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: str | None = None, files=None,
-                     max_examples: int | None = None, label: str = "adapted") -> dict:
+                     max_examples: int | None = None, label: str = "adapted", suites=()) -> dict:
     """Score a model on a task's test records (one process): a checkpoint, with an adapter when `files` is given.
 
     Args:
@@ -145,6 +170,8 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
         files: an opened adapter (`artifacts.adapter.open_adapter`) to apply, or None.
         max_examples: at most this many test examples (default: the run's eval.max_examples).
         label: the result's label.
+        suites: loaded regression suites (`eval.suites.load_suite`) to score as well; with a `checkpoint`, the
+            base answers a suite needs come from the run's base, loaded first.
 
     Returns:
         The result of `evaluate_task` (label, exact_match, correct, n, metrics, predictions, over_length, ...)
@@ -152,6 +179,12 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
     """
     from nemo_adapt.eval.runner import describe_fit, evaluate_task
 
+    base_answers = None
+    if checkpoint is not None and any(s.needs_base for s in suites):
+        from nemo_adapt.eval.suites import answer_suite
+
+        with opened_model(cfg) as (base, tokenizer, source, _):
+            base_answers = {s.name: answer_suite(base, tokenizer, source.spec, s) for s in suites if s.needs_base}
     with opened_model(cfg, checkpoint, model_name, files) as (model, tokenizer, source, _):
         eval_cfg = dataclasses.replace(cfg.eval, max_examples=max_examples or cfg.eval.max_examples)
         result = evaluate_task(model, tokenizer, source.spec, records, eval_cfg, label=label,
@@ -159,14 +192,19 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
         line = describe_fit(result["over_length"])
         if line:
             print(line, flush=True)
+        if suites:
+            result["suites"] = score_suites(model, tokenizer, source.spec, suites, base_answers)
         result["provenance"] = provenance(cfg, source, tokenizer, files, split=cfg.data.test, instructions="adapter")
     return result
 
 
 def _tag(path: Path, parent: bool = True) -> str:
-    """A file-name-safe tag for a directory: its name, after its parent's when `parent`."""
-    where = f"{path.resolve().parent.name}_{path.name}" if parent else path.name
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in where)
+    """A file-name-safe tag for a directory: its name (after its parent's when `parent`) and 8 hex digits of its
+    absolute path's sha256 — two directories with the same names never share result files."""
+    resolved = Path(path).resolve()
+    where = f"{resolved.parent.name}_{resolved.name}" if parent else resolved.name
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in where) + f"-{digest}"
 
 
 def _write(run_dir: Path, stem: str, result: dict) -> dict:
@@ -180,19 +218,21 @@ def _write(run_dir: Path, stem: str, result: dict) -> dict:
 
 
 def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_dir: str | Path | None = None,
-                 *, model: str | None = None) -> dict:
+                 *, model: str | None = None, suites: Sequence[str | Path] = ()) -> dict:
     """Evaluate a run's adapter — or another adapter, or a model without one — on the run's test split.
 
     Args:
         run_dir: a run directory written by `nemo-adapt run` (config.yaml, adapter/).
         max_examples: evaluate at most this many test examples (default: the recipe's eval.max_examples).
         adapter_dir: evaluate this adapter instead of the run's (ours or Hugging Face PEFT; it must belong
-            to the run's base model), on the run's task; written to RUN_DIR/eval_<parent>_<directory>.json.
+            to the run's base model), on the run's task; written to RUN_DIR/eval_<parent>_<directory>-<hash>.json.
         model: evaluate this checkpoint of the run's architecture with no adapter (a merged export, a full
-            fine-tuning result), asked the way the adapter was trained; written to RUN_DIR/eval_model_<name>.json.
+            fine-tuning result), asked the way the adapter was trained; written to RUN_DIR/eval_model_<name>-<hash>.json.
+        suites: regression suite files (`eval.suites`) to score as well, read and checked before any model
+            is loaded; results under "suites".
 
     Returns:
-        The result of `evaluate_task` (label, exact_match, correct, n, metrics, provenance, written, ...).
+        The result of `evaluate_task` (label, exact_match, correct, n, metrics, suites, provenance, written, ...).
 
     Raises:
         ConfigError: no config, no test split, both an adapter and a model, a full fine-tuning run without
@@ -201,20 +241,23 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
             cannot be opened.
     """
     from nemo_adapt.artifacts.adapter import open_adapter
+    from nemo_adapt.eval.suites import load_suite
 
     run_dir = Path(run_dir)
     if adapter_dir is not None and model is not None:
         raise ConfigError("pass --adapter or --model, not both (a model with an adapter folded in: export it "
                           "merged first, then evaluate it with --model)")
     cfg, records = load_task(run_dir)
+    loaded = [load_suite(p) for p in suites]
     if model is not None:
-        result = evaluate_on_task(cfg, records, checkpoint=str(model), max_examples=max_examples, label="model")
+        result = evaluate_on_task(cfg, records, checkpoint=str(model), max_examples=max_examples, label="model",
+                                  suites=loaded)
         return _write(run_dir, f"eval_model_{_tag(Path(model), parent=False)}", {**result, "model": str(model)})
     if adapter_dir is None and cfg.peft.method == "none":
         raise ConfigError(f"{str(run_dir)!r} is a full fine-tuning run; evaluate its exported model with "
                           "`nemo-adapt eval RUN --model DIR`")
     files = open_adapter(run_dir / "adapter" if adapter_dir is None else adapter_dir)
-    result = evaluate_on_task(cfg, records, files=files, max_examples=max_examples)
+    result = evaluate_on_task(cfg, records, files=files, max_examples=max_examples, suites=loaded)
     # The run's own adapter writes eval.json; another one its own files beside it, never over the run's, named
     # by its directory and the one above it (a run's adapter is always `adapter/`).
     stem = "eval" if adapter_dir is None else f"eval_{_tag(files.path)}"
@@ -222,8 +265,8 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
                                   "adapter_step": files.description.get("step")})
 
 
-def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None,
-                              max_examples: int | None = None) -> dict[str, dict]:
+def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None, max_examples: int | None = None,
+                              suites: Sequence[str | Path] = ()) -> dict[str, dict]:
     """The prompt-only baselines of a run's task: its base model, no adapter, given the test records' full
     instructions, zero-shot and k-shot (`eval.runner.evaluate_baselines`); the best is "baseline".
 
@@ -231,6 +274,8 @@ def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None,
         run_dir: a run directory.
         few_shot: k worked examples from the training split (default: the recipe's eval.baseline_few_shot).
         max_examples: evaluate at most this many test examples.
+        suites: regression suite files to score the base model on (asked as the suites say, no instructions
+            of the task); results under the best baseline's "suites" — the base's own pass rates.
 
     Returns:
         {"baseline": best result, "baseline_<k>shot": the others}, each with provenance; written together to
@@ -242,9 +287,11 @@ def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None,
     """
     from nemo_adapt.data.formats import load_records
     from nemo_adapt.eval.runner import baseline_shots, describe_fit, evaluate_baselines, write_predictions
+    from nemo_adapt.eval.suites import load_suite
 
     run_dir = Path(run_dir)
     cfg, _ = load_task(run_dir)
+    loaded = [load_suite(p) for p in suites]
     k = cfg.eval.baseline_few_shot if few_shot is None else few_shot
     if k < 0:
         raise ConfigError(f"--few-shot={k}: the number of worked examples must be 0 or more")
@@ -257,6 +304,12 @@ def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None,
     with opened_model(cfg) as (model, tokenizer, source, _):
         results = evaluate_baselines(model, tokenizer, source.spec, test, train, eval_cfg, cfg.run.seed,
                                      over_length=d.over_length)
+        if loaded:  # the base is its own base: a suite's base-dependent checks hold by construction
+            from nemo_adapt.eval.suites import answer_suite, score_suite
+
+            answers = {s.name: answer_suite(model, tokenizer, source.spec, s) for s in loaded}
+            results["baseline"]["suites"] = {s.name: score_suite(s, answers[s.name], answers[s.name])
+                                             for s in loaded}
         cfg = dataclasses.replace(cfg, eval=eval_cfg)
         where = provenance(cfg, source, tokenizer, split=d.test, instructions="full")
     for r in results.values():
@@ -282,6 +335,8 @@ def register(sub) -> None:
                       "export, a full fine-tuning result), asked the way the run's adapter was trained")
     what.add_argument("--baseline", action="store_true", help="evaluate the prompt-only baselines: the base model "
                       "given the full instructions, zero-shot and --few-shot K")
+    p.add_argument("--suite", action="append", default=[], metavar="FILE", help="also score this regression "
+                   "suite (YAML or JSONL; repeatable), e.g. suites/general_knowledge.yaml suites/safety.yaml")
     p.add_argument("--few-shot", type=int, default=None, metavar="K", help="with --baseline: also score a K-shot "
                    "baseline (K worked examples from the training split; default: the recipe's "
                    "eval.baseline_few_shot)")
@@ -292,16 +347,28 @@ def register(sub) -> None:
         if args.few_shot is not None and not args.baseline:
             raise ConfigError("--few-shot applies to --baseline (the prompt-only baselines)")
         if args.baseline:
-            results = evaluate_baselines_of_run(args.run_dir, args.few_shot, args.max_examples)
+            results = evaluate_baselines_of_run(args.run_dir, args.few_shot, args.max_examples, args.suite)
             metric = results["baseline"]["provenance"]["metric"]
             for key, r in results.items():
                 best = " (best)" if key == "baseline" and len(results) > 1 else ""
                 print(f"{r['label']}{best}: {describe_result(r, metric)}", flush=True)
+            _print_suites(results["baseline"].get("suites", {}))
             print(f"written {results['baseline']['written']}", flush=True)
             return 0
-        result = evaluate_run(args.run_dir, args.max_examples, args.adapter, model=args.model)
-        print(f"{result['label']}: {describe_result(result, result['provenance']['metric'])}; "
-              f"written {result['written']}", file=sys.stdout, flush=True)
-        return 0
+        result = evaluate_run(args.run_dir, args.max_examples, args.adapter, model=args.model, suites=args.suite)
+        print(f"{result['label']}: {describe_result(result, result['provenance']['metric'])}", flush=True)
+        _print_suites(result.get("suites", {}))
+        print(f"written {result['written']}", file=sys.stdout, flush=True)
+        return 0 if all(r["pass"] for r in result.get("suites", {}).values()) else 1
 
     p.set_defaults(func=run)
+
+
+def _print_suites(results: dict[str, dict]) -> None:
+    for name, r in results.items():
+        verdict = "pass" if r["pass"] else "FAIL"
+        skipped = f", {len(r['skipped'])} skipped (the base fails them too)" if r["skipped"] else ""
+        print(f"suite {name} [{r['sha256'][:12]}]: {verdict} — {r['passed']}/{r['checked']} checked cases pass"
+              f"{skipped}", flush=True)
+        for f in r["failed"][:5]:
+            print(f"  {f['id']} (line {f['line']}): fails {', '.join(f['failed'])}: {f['answer'][:120]!r}", flush=True)

@@ -58,7 +58,8 @@ def test_a_model_without_an_adapter(run_dir, tmp_path, capsys):
 
     base = resolve_path("random:tiny_llama")
     assert main(["eval", str(run_dir), "--model", str(base)]) == 0
-    written = json.loads((run_dir / f"eval_model_{base.name}.json").read_text())
+    digest = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:8]
+    written = json.loads((run_dir / f"eval_model_{base.name}-{digest}.json").read_text())
     assert written["label"] == "model" and written["model"] == str(base) and written["n"] == 6
     assert written["provenance"]["adapter"] is None and written["provenance"]["instructions"] == "adapter"
     assert "model: exact match" in capsys.readouterr().out
