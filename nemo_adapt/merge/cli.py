@@ -213,6 +213,7 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
         weights = [float(m.weight) for m in cfg.models]
         densities = [float(m.density) for m in cfg.models]
         done, total, start = 0, len(shapes), time.perf_counter()
+        tty = sys.stderr.isatty()
         for i, names in enumerate(shards):
             writer = hf.ShardWriter(tmp / hf.shard_name(i, len(shards)), {n: shapes[n] for n in names}, dtype)
             for name in names:
@@ -235,10 +236,14 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> Path:
                     del tensors, base_t
                 done += 1
                 if progress and (done % 20 == 0 or done == total):
-                    print(f"\rmerge: {done}/{total} tensors, {time.perf_counter() - start:.0f} s", end="",
-                          file=sys.stderr, flush=True)
+                    # One line rewritten in place on a terminal; whole lines in a log file or pipe.
+                    line = f"merge: {done}/{total} tensors, {time.perf_counter() - start:.0f} s"
+                    if tty:
+                        print(f"\r{line}", end="", file=sys.stderr, flush=True)
+                    else:
+                        print(line, file=sys.stderr, flush=True)
             writer.close()
-        if progress:
+        if progress and tty:
             print(file=sys.stderr, flush=True)
         hf.write_metadata(tmp, spec, len(shards), dtype)
         tokenizer_from = _save_tokenizer(ref, tmp)

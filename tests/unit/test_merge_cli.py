@@ -38,7 +38,13 @@ def test_linear_merge_of_identical_models_returns_the_model_and_transformers_loa
                                                                  {"model": str(ckpts["a"]), "weight": 0.7}],
                             "dtype": "float32", "out": str(out)})
     assert main(["merge", str(cfg)]) == 0
-    assert "status unvalidated" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "status unvalidated" in captured.out
+    # Not a terminal: progress comes as whole lines, the last one the total.
+    progress = captured.err.splitlines()
+    assert "\r" not in captured.err and progress and progress[-1].startswith("merge: ")
+    total = progress[-1].split()[1]
+    assert total.split("/")[0] == total.split("/")[1]
     merged, a = _weights(out), _weights(ckpts["a"])
     assert merged.keys() == a.keys()
     for k in a:
