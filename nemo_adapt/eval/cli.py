@@ -13,7 +13,9 @@ and evaluates, on its test split, one of:
 
 Every result carries all task metrics with 95% bootstrap intervals (`eval.metrics`) and its provenance: the
 test file's hash, chat-template hash, system prompt, generation settings, model and adapter fingerprints and
-the code version. Predictions go to predictions_<result file stem>.jsonl beside it.
+the code version. Predictions go to predictions_<result file stem>.jsonl beside it. `--suite FILE` adds
+regression suites (`eval.suites`; exit status 1 when one fails) and `--forgetting [FILE]` the general-text loss
+change against the base (`eval.forgetting`).
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ def score_suites(model, tokenizer, spec, suites, base_answers: dict[str, list[st
 
 
 def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: str | None = None, files=None,
-                     max_examples: int | None = None, label: str = "adapted", suites=()) -> dict:
+                     max_examples: int | None = None, label: str = "adapted", suites=(),
+                     general_texts: Sequence[str] = ()) -> dict:
     """Score a model on a task's test records (one process): a checkpoint, with an adapter when `files` is given.
 
     Args:
@@ -172,19 +175,24 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
         label: the result's label.
         suites: loaded regression suites (`eval.suites.load_suite`) to score as well; with a `checkpoint`, the
             base answers a suite needs come from the run's base, loaded first.
+        general_texts: held-out general passages to measure forgetting on (`eval.forgetting`): the model's
+            loss minus the base's (adapters bypassed, or the run's base loaded first with a `checkpoint`).
 
     Returns:
         The result of `evaluate_task` (label, exact_match, correct, n, metrics, predictions, over_length, ...)
         with its "provenance".
     """
+    from nemo_adapt.eval.forgetting import forgetting, text_losses
     from nemo_adapt.eval.runner import describe_fit, evaluate_task
+    from nemo_adapt.peft.base import adapters_disabled
 
-    base_answers = None
-    if checkpoint is not None and any(s.needs_base for s in suites):
+    base_answers, base_losses = None, None
+    if checkpoint is not None and (general_texts or any(s.needs_base for s in suites)):
         from nemo_adapt.eval.suites import answer_suite
 
         with opened_model(cfg) as (base, tokenizer, source, _):
             base_answers = {s.name: answer_suite(base, tokenizer, source.spec, s) for s in suites if s.needs_base}
+            base_losses = text_losses(base, tokenizer, source.spec, general_texts) if general_texts else None
     with opened_model(cfg, checkpoint, model_name, files) as (model, tokenizer, source, _):
         eval_cfg = dataclasses.replace(cfg.eval, max_examples=max_examples or cfg.eval.max_examples)
         result = evaluate_task(model, tokenizer, source.spec, records, eval_cfg, label=label,
@@ -194,6 +202,12 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
             print(line, flush=True)
         if suites:
             result["suites"] = score_suites(model, tokenizer, source.spec, suites, base_answers)
+        if general_texts:
+            losses = text_losses(model, tokenizer, source.spec, general_texts)
+            if base_losses is None:
+                with adapters_disabled(model):
+                    base_losses = text_losses(model, tokenizer, source.spec, general_texts)
+            result["forgetting"] = forgetting(losses, base_losses)
         result["provenance"] = provenance(cfg, source, tokenizer, files, split=cfg.data.test, instructions="adapter")
     return result
 
@@ -218,7 +232,8 @@ def _write(run_dir: Path, stem: str, result: dict) -> dict:
 
 
 def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_dir: str | Path | None = None,
-                 *, model: str | None = None, suites: Sequence[str | Path] = ()) -> dict:
+                 *, model: str | None = None, suites: Sequence[str | Path] = (),
+                 general_text: str | Path | None = None) -> dict:
     """Evaluate a run's adapter — or another adapter, or a model without one — on the run's test split.
 
     Args:
@@ -230,6 +245,8 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
             fine-tuning result), asked the way the adapter was trained; written to RUN_DIR/eval_model_<name>-<hash>.json.
         suites: regression suite files (`eval.suites`) to score as well, read and checked before any model
             is loaded; results under "suites".
+        general_text: a held-out general-text file (`data.general_corpus.load`) to measure forgetting on
+            (loss delta against the base); results under "forgetting".
 
     Returns:
         The result of `evaluate_task` (label, exact_match, correct, n, metrics, suites, provenance, written, ...).
@@ -241,6 +258,7 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
             cannot be opened.
     """
     from nemo_adapt.artifacts.adapter import open_adapter
+    from nemo_adapt.data.general_corpus import load as load_general
     from nemo_adapt.eval.suites import load_suite
 
     run_dir = Path(run_dir)
@@ -249,15 +267,17 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
                           "merged first, then evaluate it with --model)")
     cfg, records = load_task(run_dir)
     loaded = [load_suite(p) for p in suites]
+    texts = load_general(general_text) if general_text is not None else []
     if model is not None:
         result = evaluate_on_task(cfg, records, checkpoint=str(model), max_examples=max_examples, label="model",
-                                  suites=loaded)
+                                  suites=loaded, general_texts=texts)
         return _write(run_dir, f"eval_model_{_tag(Path(model), parent=False)}", {**result, "model": str(model)})
     if adapter_dir is None and cfg.peft.method == "none":
         raise ConfigError(f"{str(run_dir)!r} is a full fine-tuning run; evaluate its exported model with "
                           "`nemo-adapt eval RUN --model DIR`")
     files = open_adapter(run_dir / "adapter" if adapter_dir is None else adapter_dir)
-    result = evaluate_on_task(cfg, records, files=files, max_examples=max_examples, suites=loaded)
+    result = evaluate_on_task(cfg, records, files=files, max_examples=max_examples, suites=loaded,
+                              general_texts=texts)
     # The run's own adapter writes eval.json; another one its own files beside it, never over the run's, named
     # by its directory and the one above it (a run's adapter is always `adapter/`).
     stem = "eval" if adapter_dir is None else f"eval_{_tag(files.path)}"
@@ -337,6 +357,9 @@ def register(sub) -> None:
                       "given the full instructions, zero-shot and --few-shot K")
     p.add_argument("--suite", action="append", default=[], metavar="FILE", help="also score this regression "
                    "suite (YAML or JSONL; repeatable), e.g. suites/general_knowledge.yaml suites/safety.yaml")
+    p.add_argument("--forgetting", nargs="?", const="shipped", default=None, metavar="FILE",
+                   help="also measure forgetting: the loss change on held-out general text against the base (default "
+                   "text: datasets/general/heldout.jsonl; or a JSONL of {\"text\": ...} / a .txt file)")
     p.add_argument("--few-shot", type=int, default=None, metavar="K", help="with --baseline: also score a K-shot "
                    "baseline (K worked examples from the training split; default: the recipe's "
                    "eval.baseline_few_shot)")
@@ -346,6 +369,8 @@ def register(sub) -> None:
 
         if args.few_shot is not None and not args.baseline:
             raise ConfigError("--few-shot applies to --baseline (the prompt-only baselines)")
+        if args.forgetting is not None and args.baseline:
+            raise ConfigError("--forgetting compares a model with its base; the baseline is the base itself")
         if args.baseline:
             results = evaluate_baselines_of_run(args.run_dir, args.few_shot, args.max_examples, args.suite)
             metric = results["baseline"]["provenance"]["metric"]
@@ -355,9 +380,19 @@ def register(sub) -> None:
             _print_suites(results["baseline"].get("suites", {}))
             print(f"written {results['baseline']['written']}", flush=True)
             return 0
-        result = evaluate_run(args.run_dir, args.max_examples, args.adapter, model=args.model, suites=args.suite)
+        from nemo_adapt.data.general_corpus import DEFAULT
+
+        general = None if args.forgetting is None else (DEFAULT if args.forgetting == "shipped" else args.forgetting)
+        result = evaluate_run(args.run_dir, args.max_examples, args.adapter, model=args.model, suites=args.suite,
+                              general_text=general)
         print(f"{result['label']}: {describe_result(result, result['provenance']['metric'])}", flush=True)
         _print_suites(result.get("suites", {}))
+        if "forgetting" in result:
+            f = result["forgetting"]
+            d = f["loss_delta"]
+            print(f"forgetting: general-text loss {f['adapted_loss']:.3f} vs base {f['base_loss']:.3f} nats/token, "
+                  f"delta {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] over {f['passages']} passages",
+                  flush=True)
         print(f"written {result['written']}", file=sys.stdout, flush=True)
         return 0 if all(r["pass"] for r in result.get("suites", {}).values()) else 1
 

@@ -1,5 +1,8 @@
 """A regression suite catches a damaging adapter: a LoRA trained at a huge learning rate fails a suite the base
-passes, and a harmless one (a learning rate that moves nothing) passes it; `eval` exits 1 on a failed suite."""
+passes, and a harmless one (a learning rate that moves nothing) passes it; `eval` exits 1 on a failed suite.
+Forgetting is measured beside it: the damaged adapter's general-text loss moves beyond its interval, the harmless
+one's not at all. (The random tiny base predicts text at the uniform ln 256 = 5.545 nats/token, so there is nothing
+general for it to lose and the sign is not asserted here; README reports the measure on SmolLM2.)"""
 
 import hashlib
 import json
@@ -39,13 +42,19 @@ def test_a_damaging_adapter_fails_the_suite_the_base_passes(tmp_path, tiny_data,
     scored = json.loads((damaged / "eval_baseline.json").read_text())["baseline"]["suites"]["tiny_behaviour"]
     assert scored["pass"] and scored["checked"] == 6
 
-    code, out = evaluate(damaged)
+    code, out = evaluate(damaged, "--forgetting")
     assert code == 1
     result = json.loads((damaged / "eval.json").read_text())["suites"]["tiny_behaviour"]
     assert not result["pass"] and result["failed"] and all(f["failed"] == ["same_as_base"] for f in result["failed"])
     assert "suite tiny_behaviour" in out and "FAIL" in out
+    forgot = json.loads((damaged / "eval.json").read_text())["forgetting"]
+    delta = forgot["loss_delta"]
+    assert forgot["passages"] == 64 and (delta["low"] > 0 or delta["high"] < 0), forgot  # moved, beyond the noise
+    assert "forgetting: general-text loss" in out
     assert result["sha256"] == scored["sha256"] == hashlib.sha256(suite.read_bytes()).hexdigest()
 
-    code, _ = evaluate(harmless)
+    code, _ = evaluate(harmless, "--forgetting")
     assert code == 0
-    assert json.loads((harmless / "eval.json").read_text())["suites"]["tiny_behaviour"]["passed"] == 6
+    result = json.loads((harmless / "eval.json").read_text())
+    assert result["suites"]["tiny_behaviour"]["passed"] == 6
+    assert abs(result["forgetting"]["loss_delta"]["value"]) < 1e-5
