@@ -14,8 +14,8 @@ and evaluates, on its test split, one of:
 Every result carries all task metrics with 95% bootstrap intervals (`eval.metrics`) and its provenance: the
 test file's hash, chat-template hash, system prompt, generation settings, model and adapter fingerprints and
 the code version. Predictions go to predictions_<result file stem>.jsonl beside it. `--suite FILE` adds
-regression suites (`eval.suites`; exit status 1 when one fails) and `--forgetting [FILE]` the general-text loss
-change against the base (`eval.forgetting`).
+regression suites (`eval.suites`; exit status 1 when one fails), `--forgetting [FILE]` the general-text loss
+change against the base (`eval.forgetting`) and `--latency` the inference cost (`eval.inference_cost`).
 """
 
 from __future__ import annotations
@@ -160,9 +160,39 @@ def score_suites(model, tokenizer, spec, suites, base_answers: dict[str, list[st
     return out
 
 
+def inference_costs(model, tokenizer, spec, records, adapter=None, batch: int = 8, new_tokens: int = 32) -> dict[str, dict]:
+    """Inference cost (`eval.inference_cost.measure`, `new_tokens` generated per row) on the first `batch` test
+    prompts: {"as_evaluated": ...} and,
+    with an adapter, "base" (adapters bypassed) and — for methods that fold into the weights — "merged" (folded in
+    place, measured, unfolded again)."""
+    from nemo_adapt.eval.inference_cost import extra_context_of, measure
+    from nemo_adapt.eval.runner import encode_test_prompts
+    from nemo_adapt.peft.base import adapters_disabled, get_peft_method
+
+    prompts = encode_test_prompts(tokenizer, list(records)[:batch])
+    prompts = (prompts * batch)[:batch]  # a split smaller than the batch repeats its prompts
+    extra = extra_context_of(adapter.config) if adapter is not None else 0
+    kw = {"batch_sizes": (1, batch), "new_tokens": new_tokens}
+    costs = {"as_evaluated": measure(model, spec, prompts, extra_context=extra, **kw)}
+    if adapter is None:
+        return costs
+    with adapters_disabled(model):
+        costs["base"] = measure(model, spec, prompts, **kw)
+    method = get_peft_method(adapter.config.method)
+    if method.merges_into_base:
+        layers = [m for m in model.modules() if hasattr(m, "adapter_enabled") and callable(getattr(m, "merge", None))]
+        method.merge_into_base(model)
+        try:
+            costs["merged"] = measure(model, spec, prompts, **kw)
+        finally:
+            for m in layers:
+                m.unmerge()
+    return costs
+
+
 def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: str | None = None, files=None,
                      max_examples: int | None = None, label: str = "adapted", suites=(),
-                     general_texts: Sequence[str] = ()) -> dict:
+                     general_texts: Sequence[str] = (), latency: int = 0) -> dict:
     """Score a model on a task's test records (one process): a checkpoint, with an adapter when `files` is given.
 
     Args:
@@ -177,6 +207,9 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
             base answers a suite needs come from the run's base, loaded first.
         general_texts: held-out general passages to measure forgetting on (`eval.forgetting`): the model's
             loss minus the base's (adapters bypassed, or the run's base loaded first with a `checkpoint`).
+        latency: > 0: also measure inference cost (`eval.inference_cost`) with this many generated tokens per
+            row on the first test prompts: the model as evaluated, and with an adapter also the base (adapters
+            bypassed) and, for methods that fold, merged.
 
     Returns:
         The result of `evaluate_task` (label, exact_match, correct, n, metrics, predictions, over_length, ...)
@@ -193,7 +226,7 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
         with opened_model(cfg) as (base, tokenizer, source, _):
             base_answers = {s.name: answer_suite(base, tokenizer, source.spec, s) for s in suites if s.needs_base}
             base_losses = text_losses(base, tokenizer, source.spec, general_texts) if general_texts else None
-    with opened_model(cfg, checkpoint, model_name, files) as (model, tokenizer, source, _):
+    with opened_model(cfg, checkpoint, model_name, files) as (model, tokenizer, source, adapter):
         eval_cfg = dataclasses.replace(cfg.eval, max_examples=max_examples or cfg.eval.max_examples)
         result = evaluate_task(model, tokenizer, source.spec, records, eval_cfg, label=label,
                                over_length=cfg.data.over_length)
@@ -202,6 +235,9 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
             print(line, flush=True)
         if suites:
             result["suites"] = score_suites(model, tokenizer, source.spec, suites, base_answers)
+        if latency:
+            result["inference_cost"] = inference_costs(model, tokenizer, source.spec, records, adapter,
+                                                       new_tokens=latency)
         if general_texts:
             losses = text_losses(model, tokenizer, source.spec, general_texts)
             if base_losses is None:
@@ -233,7 +269,7 @@ def _write(run_dir: Path, stem: str, result: dict) -> dict:
 
 def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_dir: str | Path | None = None,
                  *, model: str | None = None, suites: Sequence[str | Path] = (),
-                 general_text: str | Path | None = None) -> dict:
+                 general_text: str | Path | None = None, latency: int = 0) -> dict:
     """Evaluate a run's adapter — or another adapter, or a model without one — on the run's test split.
 
     Args:
@@ -247,6 +283,8 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
             is loaded; results under "suites".
         general_text: a held-out general-text file (`data.general_corpus.load`) to measure forgetting on
             (loss delta against the base); results under "forgetting".
+        latency: > 0: measure inference cost too, this many generated tokens per row (`inference_costs`);
+            results under "inference_cost".
 
     Returns:
         The result of `evaluate_task` (label, exact_match, correct, n, metrics, suites, provenance, written, ...).
@@ -270,14 +308,14 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
     texts = load_general(general_text) if general_text is not None else []
     if model is not None:
         result = evaluate_on_task(cfg, records, checkpoint=str(model), max_examples=max_examples, label="model",
-                                  suites=loaded, general_texts=texts)
+                                  suites=loaded, general_texts=texts, latency=latency)
         return _write(run_dir, f"eval_model_{_tag(Path(model), parent=False)}", {**result, "model": str(model)})
     if adapter_dir is None and cfg.peft.method == "none":
         raise ConfigError(f"{str(run_dir)!r} is a full fine-tuning run; evaluate its exported model with "
                           "`nemo-adapt eval RUN --model DIR`")
     files = open_adapter(run_dir / "adapter" if adapter_dir is None else adapter_dir)
     result = evaluate_on_task(cfg, records, files=files, max_examples=max_examples, suites=loaded,
-                              general_texts=texts)
+                              general_texts=texts, latency=latency)
     # The run's own adapter writes eval.json; another one its own files beside it, never over the run's, named
     # by its directory and the one above it (a run's adapter is always `adapter/`).
     stem = "eval" if adapter_dir is None else f"eval_{_tag(files.path)}"
@@ -360,6 +398,9 @@ def register(sub) -> None:
     p.add_argument("--forgetting", nargs="?", const="shipped", default=None, metavar="FILE",
                    help="also measure forgetting: the loss change on held-out general text against the base (default "
                    "text: datasets/general/heldout.jsonl; or a JSONL of {\"text\": ...} / a .txt file)")
+    p.add_argument("--latency", nargs="?", type=int, const=32, default=0, metavar="NEW_TOKENS",
+                   help="also measure inference cost: time to first token, decode tokens/s at batch 1 and 8 over "
+                   "NEW_TOKENS generated tokens (default 32), context and memory — as evaluated, for the base, merged")
     p.add_argument("--few-shot", type=int, default=None, metavar="K", help="with --baseline: also score a K-shot "
                    "baseline (K worked examples from the training split; default: the recipe's "
                    "eval.baseline_few_shot)")
@@ -382,11 +423,18 @@ def register(sub) -> None:
             return 0
         from nemo_adapt.data.general_corpus import DEFAULT
 
+        if args.latency and args.latency < 2:
+            raise ConfigError(f"--latency {args.latency}: the decode rate needs at least 2 generated tokens")
+
         general = None if args.forgetting is None else (DEFAULT if args.forgetting == "shipped" else args.forgetting)
         result = evaluate_run(args.run_dir, args.max_examples, args.adapter, model=args.model, suites=args.suite,
-                              general_text=general)
+                              general_text=general, latency=args.latency)
         print(f"{result['label']}: {describe_result(result, result['provenance']['metric'])}", flush=True)
         _print_suites(result.get("suites", {}))
+        for variant, c in result.get("inference_cost", {}).items():
+            rates = ", ".join(f"batch {b}: {r:.1f}" for b, r in c["decode_tokens_per_s"].items())
+            print(f"inference ({variant}): first token {1000 * c['ttft_s']:.0f} ms, decode tokens/s {rates}, "
+                  f"context {c['context_tokens']} tokens", flush=True)
         if "forgetting" in result:
             f = result["forgetting"]
             d = f["loss_delta"]
