@@ -172,3 +172,17 @@ def run_tiny(tmp_path: Path, name: str, data: dict[str, Path], env: dict, nproc:
     recipe = write_tiny_recipe(d, data, **sections)
     proc = torchrun(nproc, "-m nemo_adapt.cli", "run", str(recipe), *overrides, env=env, check=check)
     return d / "run", proc
+
+
+@pytest.fixture
+def tiny_run_dir(tmp_path, monkeypatch):
+    """A run directory of the tiny chat task holding only its resolved config (nothing trained), evaluated on 6
+    test examples with 5 new tokens; NEMO_ADAPT_CACHE points into tmp_path."""
+    from nemo_adapt.config import load_recipe, save_resolved
+
+    monkeypatch.setenv("NEMO_ADAPT_CACHE", str(tmp_path / "cache"))
+    data = write_tiny_chat_data(tmp_path / "data")
+    run = tmp_path / "run"
+    save_resolved(load_recipe(write_tiny_recipe(tmp_path, data, eval={"max_new_tokens": 5, "max_examples": 6})),
+                  run / "config.yaml")
+    return run

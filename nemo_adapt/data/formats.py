@@ -263,6 +263,23 @@ def json_error_text(err: json.JSONDecodeError) -> str:
     return f"{msg} at {where}"
 
 
+def jsonl_objects(text: str, path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) for each non-blank line of a small JSONL file's text (suites, held-out text).
+
+    Raises:
+        ConfigError: a line that is not valid JSON, named `path:line`.
+    """
+    from nemo_adapt.errors import ConfigError
+
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({json_error_text(err)})") from None
+
+
 def detect_format(obj: object) -> str | None:
     """The form of one parsed record: `chat`, `prompt_completion`, or None when it is neither.
 

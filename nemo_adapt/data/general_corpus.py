@@ -68,16 +68,10 @@ def load(path: str | Path = DEFAULT) -> list[str]:
     if path.suffix == ".txt":
         texts = [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
     else:
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
-                texts.append(row["text"])
+        from nemo_adapt.data.formats import jsonl_objects
+
+        texts = [row["text"] for _, row in jsonl_objects(raw, path)
+                 if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip()]
     if not texts:
         raise ConfigError(f"{path}: no passages (JSONL rows with a non-empty `text`, or .txt paragraphs)")
     return texts

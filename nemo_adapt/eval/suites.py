@@ -30,7 +30,6 @@ Example (YAML):
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -228,14 +227,10 @@ def load_suite(path: str | Path) -> Suite:
         raise ConfigError(f"suite {path}: not UTF-8 text ({e})") from None
     seen: set[str] = set()
     if path.suffix == ".jsonl":
+        from nemo_adapt.data.formats import jsonl_objects
+
         cases = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        for n, raw in jsonl_objects(text, path):
             case = _case(raw, f"{path}:{n}", seen)
             case.line = n
             cases.append(case)

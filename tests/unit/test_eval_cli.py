@@ -8,27 +8,16 @@ from pathlib import Path
 import pytest
 
 from nemo_adapt.cli import main
-from nemo_adapt.config import load_recipe, save_resolved
+from nemo_adapt.config import load_recipe
 from tests.conftest import write_tiny_chat_data, write_tiny_recipe
 
 pytestmark = pytest.mark.megatron
 
 
-@pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    """A run directory of the tiny chat task (its resolved config; nothing trained)."""
-    monkeypatch.setenv("NEMO_ADAPT_CACHE", str(tmp_path / "cache"))
-    data = write_tiny_chat_data(tmp_path / "data")
-    run = tmp_path / "run"
-    save_resolved(load_recipe(write_tiny_recipe(tmp_path, data, eval={"max_new_tokens": 5, "max_examples": 6})),
-                  run / "config.yaml")
-    return run
-
-
-def test_baselines_zero_and_k_shot_with_metrics_and_provenance(run_dir, capsys):
-    assert main(["eval", str(run_dir), "--baseline", "--few-shot", "2"]) == 0
+def test_baselines_zero_and_k_shot_with_metrics_and_provenance(tiny_run_dir, capsys):
+    assert main(["eval", str(tiny_run_dir), "--baseline", "--few-shot", "2"]) == 0
     out = capsys.readouterr().out
-    written = json.loads((run_dir / "eval_baseline.json").read_text())
+    written = json.loads((tiny_run_dir / "eval_baseline.json").read_text())
     assert set(written) in ({"baseline", "baseline_2shot"}, {"baseline", "baseline_0shot"})
     other = next(k for k in written if k != "baseline")
     best, alt = written["baseline"], written[other]
@@ -41,9 +30,9 @@ def test_baselines_zero_and_k_shot_with_metrics_and_provenance(run_dir, capsys):
         em = r["metrics"]["exact_match"]
         assert em["low"] <= em["value"] <= em["high"]
         assert set(r["metrics"]) >= {"exact_match", "token_f1", "ci"}
-        assert (run_dir / f"predictions_eval_{'baseline' if r is best else other}.jsonl").is_file()
+        assert (tiny_run_dir / f"predictions_eval_{'baseline' if r is best else other}.jsonl").is_file()
     p = best["provenance"]
-    test = load_recipe(run_dir / "config.yaml").data.test
+    test = load_recipe(tiny_run_dir / "config.yaml").data.test
     assert p["test_sha256"] == hashlib.sha256(Path(test).read_bytes()).hexdigest()
     assert p["instructions"] == "full" and p["generation"]["max_new_tokens"] == 5
     assert len(p["chat_template_sha256"]) == 64 and p["model"]["fingerprint"].startswith("tiny_llama@")
@@ -53,13 +42,13 @@ def test_baselines_zero_and_k_shot_with_metrics_and_provenance(run_dir, capsys):
     assert by_shots[2]["prompt_tokens_mean"] > by_shots[0]["prompt_tokens_mean"]
 
 
-def test_a_model_without_an_adapter(run_dir, tmp_path, capsys):
+def test_a_model_without_an_adapter(tiny_run_dir, tmp_path, capsys):
     from nemo_adapt.models.loader import resolve_path
 
     base = resolve_path("random:tiny_llama")
-    assert main(["eval", str(run_dir), "--model", str(base)]) == 0
+    assert main(["eval", str(tiny_run_dir), "--model", str(base)]) == 0
     digest = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:8]
-    written = json.loads((run_dir / f"eval_model_{base.name}-{digest}.json").read_text())
+    written = json.loads((tiny_run_dir / f"eval_model_{base.name}-{digest}.json").read_text())
     assert written["label"] == "model" and written["model"] == str(base) and written["n"] == 6
     assert written["provenance"]["adapter"] is None and written["provenance"]["instructions"] == "adapter"
     assert "model: exact match" in capsys.readouterr().out
@@ -70,16 +59,16 @@ def test_a_model_without_an_adapter(run_dir, tmp_path, capsys):
     (["--baseline", "--few-shot", "-1"], "--few-shot=-1: the number of worked examples must be 0 or more"),
     (["--few-shot", "2"], "--few-shot applies to --baseline"),
 ])
-def test_bad_input_is_refused_before_a_model_is_loaded(run_dir, capsys, argv, message):
-    assert main(["eval", str(run_dir), *argv]) == 2
+def test_bad_input_is_refused_before_a_model_is_loaded(tiny_run_dir, capsys, argv, message):
+    assert main(["eval", str(tiny_run_dir), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err, err
-    assert not list(run_dir.glob("eval*.json"))
+    assert not list(tiny_run_dir.glob("eval*.json"))
 
 
-def test_adapter_and_model_together_are_refused(run_dir, capsys):
+def test_adapter_and_model_together_are_refused(tiny_run_dir, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["eval", str(run_dir), "--adapter", "a", "--model", "b"])
+        main(["eval", str(tiny_run_dir), "--adapter", "a", "--model", "b"])
     assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 

@@ -6,33 +6,21 @@ import json
 import pytest
 
 from nemo_adapt.cli import main
-from nemo_adapt.config import load_recipe, save_resolved
-from tests.conftest import write_tiny_chat_data, write_tiny_recipe
 
 pytestmark = pytest.mark.megatron
-
-
-@pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEMO_ADAPT_CACHE", str(tmp_path / "cache"))
-    data = write_tiny_chat_data(tmp_path / "data")
-    run = tmp_path / "run"
-    save_resolved(load_recipe(write_tiny_recipe(tmp_path, data, eval={"max_new_tokens": 4, "max_examples": 4})),
-                  run / "config.yaml")
-    return run
 
 
 @pytest.mark.parametrize("peft", [{"method": "lora", "rank": 4, "alpha": 8},
                                   {"method": "prompt_tuning", "num_virtual_tokens": 6, "init": "random"}],
                          ids=["lora", "prompt_tuning"])
-def test_latency_variants(run_dir, tmp_path, capsys, peft):
+def test_latency_variants(tiny_run_dir, tmp_path, capsys, peft):
     from nemo_adapt.models.loader import resolve_path
     from tests.unit.test_hf_peft_export_virtual import _trained_artifact
 
     _trained_artifact(resolve_path("random:tiny_llama"), tmp_path / "adapter", peft)
-    assert main(["eval", str(run_dir), "--adapter", str(tmp_path / "adapter"), "--latency", "3"]) == 0
+    assert main(["eval", str(tiny_run_dir), "--adapter", str(tmp_path / "adapter"), "--latency", "3"]) == 0
     out = capsys.readouterr().out
-    written = json.loads(next(run_dir.glob("eval_*adapter-*.json")).read_text())
+    written = json.loads(next(tiny_run_dir.glob("eval_*adapter-*.json")).read_text())
     costs = written["inference_cost"]
     assert set(costs) == ({"as_evaluated", "base", "merged"} if peft["method"] == "lora" else {"as_evaluated", "base"})
     for c in costs.values():
@@ -44,8 +32,8 @@ def test_latency_variants(run_dir, tmp_path, capsys, peft):
     assert "inference (as_evaluated): first token" in out and "inference (base)" in out
 
 
-def test_measure_refuses_what_it_cannot_time(run_dir, capsys):
-    assert main(["eval", str(run_dir), "--latency", "1"]) == 2
+def test_measure_refuses_what_it_cannot_time(tiny_run_dir, capsys):
+    assert main(["eval", str(tiny_run_dir), "--latency", "1"]) == 2
     assert "--latency 1: the decode rate needs at least 2 generated tokens" in capsys.readouterr().err
     from nemo_adapt.eval.inference_cost import measure
 
