@@ -11,6 +11,7 @@ import argparse
 import importlib
 import signal
 import sys
+import threading
 import warnings
 
 from nemo_adapt.errors import NemoAdaptError
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     # `run` handles SIGTERM itself (checkpoint and requeue); every other command that writes (merge, export, eval)
     # stages its output in a temporary directory and removes it in `except`/`finally`: SIGTERM (a Slurm time
     # limit, `timeout`, `kill`) has to unwind through that cleanup instead of ending the process where it stands.
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if args.command != "run" else None
+    # (Only the main thread may set handlers: an embedding application calling main() elsewhere keeps its own.)
+    previous = None
+    if args.command != "run" and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(args.func(args) or 0)
     except NemoAdaptError as err:
