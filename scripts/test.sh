@@ -17,8 +17,8 @@ scripts/setup.sh
 mapfile -t shell_scripts < <(find launch slurm scripts -name '*.sh' | sort)
 .venv/bin/shellcheck -x "${shell_scripts[@]}"
 .venv/bin/hadolint containers/Dockerfile
-# Tests marked `exhaustive` repeat a check at an easier layout than one CI already runs (SmolLM2 parity at TP3
-# and PP2 beside TP3xPP2, ...): NEMO_ADAPT_TESTS=full runs them too (about 5 more minutes on 2 cores).
+# Tests marked `exhaustive` repeat a check in an easier form than one CI already runs (SmolLM2 parity at TP3
+# and PP2 beside TP3xPP2, ...; README lists them): NEMO_ADAPT_TESTS=full runs them too (about 10 more minutes).
 tests=${NEMO_ADAPT_TESTS:-core}
 [[ $tests == full || $tests == core ]] || { echo "NEMO_ADAPT_TESTS=$tests: expected full or core" >&2; exit 2; }
 selection=()

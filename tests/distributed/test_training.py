@@ -66,8 +66,9 @@ def test_exact_resume_after_sigkill_and_interrupted_checkpoint(tmp_path, tiny_da
 
 
 @pytest.mark.parametrize("saved,resumed,peft", [
-    pytest.param((2, 1), (1, 1), {}, id="tp2-to-tp1"),
-    # Covered by the next case on every stage it has (and by the PEFT battery's cross-layout resumes).
+    # These two: the PEFT battery resumes every method's adapter checkpoint across TP and PP layouts, and the
+    # next case runs this command-level path with a pipeline split.
+    pytest.param((2, 1), (1, 1), {}, id="tp2-to-tp1", marks=pytest.mark.exhaustive),
     pytest.param((1, 2), (1, 1), {}, id="pp2-to-pp1", marks=pytest.mark.exhaustive),
     # Adapters on layers 1-3 of 0-3: the first PP stage holds one adapted layer, the second two.
     pytest.param((1, 2), (1, 1), {"layers": [1, 2, 3]}, id="pp2-to-pp1-upper-layers"),
