@@ -60,6 +60,18 @@ def load_task(run_dir: str | Path):
     return cfg, records
 
 
+def baseline_records(cfg) -> tuple[list, list]:
+    """The prompt-only baseline's records: the test split asked with the records' own full instructions (no
+    `data.replace_system_prompt`), and the valid training records its k-shot examples are drawn from."""
+    from nemo_adapt.data.formats import load_records
+
+    d = cfg.data
+    test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, max_record_bytes=d.max_record_bytes,
+                        warn=False, key="data.test")
+    train = load_records(d.train, d.format, "skip", d.system_prompt, max_record_bytes=d.max_record_bytes, warn=False)
+    return test, train
+
+
 @contextlib.contextmanager
 def opened_model(cfg, checkpoint: str | None = None, model_name: str | None = None, files=None):
     """A model to evaluate in this process: the checkpoint (default: the run's base), with the adapter `files`
@@ -180,13 +192,11 @@ def inference_costs(model, tokenizer, spec, records, adapter=None, batch: int = 
         costs["base"] = measure(model, spec, prompts, **kw)
     method = get_peft_method(adapter.config.method)
     if method.merges_into_base:
-        layers = [m for m in model.modules() if hasattr(m, "adapter_enabled") and callable(getattr(m, "merge", None))]
         method.merge_into_base(model)
         try:
             costs["merged"] = measure(model, spec, prompts, **kw)
         finally:
-            for m in layers:
-                m.unmerge()
+            method.unmerge_from_base(model)
     return costs
 
 
@@ -343,7 +353,6 @@ def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None, 
         ConfigError: no config or test split; k negative or more than the valid training records — before
             any model is loaded.
     """
-    from nemo_adapt.data.formats import load_records
     from nemo_adapt.eval.runner import baseline_shots, describe_fit, evaluate_baselines, write_predictions
     from nemo_adapt.eval.suites import load_suite
 
@@ -354,9 +363,7 @@ def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None, 
     if k < 0:
         raise ConfigError(f"--few-shot={k}: the number of worked examples must be 0 or more")
     d = cfg.data
-    test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, max_record_bytes=d.max_record_bytes,
-                        warn=False, key="data.test")
-    train = load_records(d.train, d.format, "skip", d.system_prompt, max_record_bytes=d.max_record_bytes, warn=False)
+    test, train = baseline_records(cfg)
     baseline_shots(train, k, cfg.run.seed)  # refuse a k the training split cannot give, before loading the model
     eval_cfg = dataclasses.replace(cfg.eval, baseline_few_shot=k, max_examples=max_examples or cfg.eval.max_examples)
     with opened_model(cfg) as (model, tokenizer, source, _):

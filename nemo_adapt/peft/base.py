@@ -138,6 +138,19 @@ class PeftMethod:
                         folded += 1
         return folded
 
+    @classmethod
+    def unmerge_from_base(cls, model) -> int:
+        """Undo `merge_into_base` in place: every folded module's update taken back out of its base weights, the
+        adapter path live again. Returns the number of modules unfolded."""
+        unfolded = 0
+        with torch.no_grad():
+            for chunk in _chunks(model):
+                for module in chunk.modules():
+                    if hasattr(module, "adapter_enabled") and callable(getattr(module, "unmerge", None)):
+                        module.unmerge()
+                        unfolded += 1
+        return unfolded
+
     hf_peft_type: ClassVar[str | None] = None
     """The `peft_type` of the Hugging Face PEFT adapters this method imports (None: it imports none)."""
 

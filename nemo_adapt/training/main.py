@@ -79,6 +79,7 @@ def run(recipe: str, overrides: list[str]) -> int:
     from nemo_adapt.data import build_datasets
     from nemo_adapt.data.dataset import data_summary, print_data_report
     from nemo_adapt.data.formats import load_records
+    from nemo_adapt.eval.cli import baseline_records
     from nemo_adapt.eval.metrics import task_score
     from nemo_adapt.eval.runner import evaluate_baselines, evaluate_task, write_predictions
     from nemo_adapt.logging import RunLogger
@@ -284,10 +285,7 @@ def run(recipe: str, overrides: list[str]) -> int:
             results["adapted"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, label="adapted",
                                                over_length=d.over_length)
             if trainable_only and cfg.eval.baseline:
-                baseline_test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt,
-                                             max_record_bytes=d.max_record_bytes, warn=False)
-                train_records = load_records(d.train, d.format, "skip", d.system_prompt,
-                                             max_record_bytes=d.max_record_bytes, warn=False)
+                baseline_test, train_records = baseline_records(cfg)
                 with adapters_disabled(module):
                     results.update(evaluate_baselines(module, tokenizer, spec, baseline_test, train_records, cfg.eval,
                                                       cfg.run.seed, over_length=d.over_length))
