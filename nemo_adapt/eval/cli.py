@@ -3,7 +3,7 @@
 The follow-up job of `nemo-adapt launch --chain eval`. Reads the run's resolved config (RUN_DIR/config.yaml)
 and evaluates, on its test split, one of:
 
-- the run's adapter (RUN_DIR/adapter) -> RUN_DIR/eval.json;
+- the run's adapter (RUN_DIR/adapter), or for a full fine-tuning run its model (RUN_DIR/model) -> RUN_DIR/eval.json;
 - `--adapter DIR`: another adapter of the same base, ours or Hugging Face PEFT -> eval_<parent>_<dir>-<hash>.json
   (hash: 8 hex digits of the directory's absolute path, so same-named adapters never overwrite each other);
 - `--model CHECKPOINT`: a model without an adapter — a merged export, a full fine-tuning result, any
@@ -300,8 +300,8 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
         The result of `evaluate_task` (label, exact_match, correct, n, metrics, suites, provenance, written, ...).
 
     Raises:
-        ConfigError: no config, no test split, both an adapter and a model, a full fine-tuning run without
-            `model` (no adapter artifact), or an HF PEFT adapter this model cannot represent.
+        ConfigError: no config, no test split, both an adapter and a model, a full fine-tuning run that did not
+            finish (no RUN_DIR/model), or an HF PEFT adapter this model cannot represent.
         CheckpointError: the adapter is not an adapter directory or does not match the model; the model
             cannot be opened.
     """
@@ -316,13 +316,19 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
     cfg, records = load_task(run_dir)
     loaded = [load_suite(p) for p in suites]
     texts = load_general(general_text) if general_text is not None else []
+    own_model = model is None and adapter_dir is None and cfg.peft.method == "none"
+    if own_model:  # a full fine-tuning run: its result is RUN_DIR/model, as a PEFT run's is RUN_DIR/adapter
+        if not (run_dir / "model" / "config.json").is_file():
+            raise ConfigError(f"{str(run_dir)!r} is a full fine-tuning run without a finished model/ directory "
+                              "(it is written when training completes); evaluate another checkpoint with "
+                              "`nemo-adapt eval RUN --model DIR`")
+        model = run_dir / "model"
     if model is not None:
-        result = evaluate_on_task(cfg, records, checkpoint=str(model), max_examples=max_examples, label="model",
-                                  suites=loaded, general_texts=texts, latency=latency)
-        return _write(run_dir, f"eval_model_{_tag(Path(model), parent=False)}", {**result, "model": str(model)})
-    if adapter_dir is None and cfg.peft.method == "none":
-        raise ConfigError(f"{str(run_dir)!r} is a full fine-tuning run; evaluate its exported model with "
-                          "`nemo-adapt eval RUN --model DIR`")
+        result = evaluate_on_task(cfg, records, checkpoint=str(model), max_examples=max_examples,
+                                  label="adapted" if own_model else "model", suites=loaded, general_texts=texts,
+                                  latency=latency)
+        stem = "eval" if own_model else f"eval_model_{_tag(Path(model), parent=False)}"
+        return _write(run_dir, stem, {**result, "model": str(model)})
     files = open_adapter(run_dir / "adapter" if adapter_dir is None else adapter_dir)
     result = evaluate_on_task(cfg, records, files=files, max_examples=max_examples, suites=loaded,
                               general_texts=texts, latency=latency)
@@ -334,7 +340,7 @@ def evaluate_run(run_dir: str | Path, max_examples: int | None = None, adapter_d
 
 
 def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None, max_examples: int | None = None,
-                              suites: Sequence[str | Path] = ()) -> dict[str, dict]:
+                              suites: Sequence[str | Path] = (), latency: int = 0) -> dict[str, dict]:
     """The prompt-only baselines of a run's task: its base model, no adapter, given the test records' full
     instructions, zero-shot and k-shot (`eval.runner.evaluate_baselines`); the best is "baseline".
 
@@ -344,6 +350,8 @@ def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None, 
         max_examples: evaluate at most this many test examples.
         suites: regression suite files to score the base model on (asked as the suites say, no instructions
             of the task); results under the best baseline's "suites" — the base's own pass rates.
+        latency: > 0: the base's inference cost on the test prompts (`inference_costs`, this many generated
+            tokens per row), under the best baseline's "inference_cost".
 
     Returns:
         {"baseline": best result, "baseline_<k>shot": the others}, each with provenance; written together to
@@ -375,6 +383,9 @@ def evaluate_baselines_of_run(run_dir: str | Path, few_shot: int | None = None, 
             answers = {s.name: answer_suite(model, tokenizer, source.spec, s) for s in loaded}
             results["baseline"]["suites"] = {s.name: score_suite(s, answers[s.name], answers[s.name])
                                              for s in loaded}
+        if latency:
+            results["baseline"]["inference_cost"] = inference_costs(model, tokenizer, source.spec, test,
+                                                                    new_tokens=latency)
         cfg = dataclasses.replace(cfg, eval=eval_cfg)
         where = provenance(cfg, source, tokenizer, split=d.test, instructions="full")
     for r in results.values():
@@ -439,7 +450,8 @@ def register(sub) -> None:
         print(f"{result['label']}: {describe_result(result, result['provenance']['metric'])}", flush=True)
         _print_suites(result.get("suites", {}))
         for variant, c in result.get("inference_cost", {}).items():
-            rates = ", ".join(f"batch {b}: {r:.1f}" for b, r in c["decode_tokens_per_s"].items())
+            rates = ", ".join(f"batch {b}: {'not measurable' if r is None else f'{r:.1f}'}"
+                              for b, r in c["decode_tokens_per_s"].items())
             print(f"inference ({variant}): first token {1000 * c['ttft_s']:.0f} ms, decode tokens/s {rates}, "
                   f"context {c['context_tokens']} tokens", flush=True)
         if "forgetting" in result:

@@ -27,7 +27,7 @@ def export_hf(model, spec: ModelSpec, out_dir: str | os.PathLike, tokenizer=None
     All ranks must call it. The directory appears only when complete (temporary sibling + rename).
 
     Args:
-        model: this rank's `GPTModel` stage.
+        model: this rank's `GPTModel` stage (or its list of virtual-pipeline chunks).
         spec: its architecture.
         out_dir: destination directory (replaced if it exists).
         tokenizer: a `transformers` tokenizer to save alongside, or None.
@@ -38,9 +38,14 @@ def export_hf(model, spec: ModelSpec, out_dir: str | os.PathLike, tokenizer=None
     """
     from megatron.core import parallel_state as ps
 
-    # Gathering over TP is a collective: every rank does it, one rank per stage writes.
-    tensors = megatron_to_hf(model, spec, ps.get_tensor_model_parallel_world_size(),
-                             ps.get_tensor_model_parallel_group())
+    from nemo_adapt.models.builder import model_chunks
+
+    # Gathering over TP is a collective: every rank does it, one rank per stage writes. Under the
+    # interleaved schedule a stage holds several chunks, each with its own layers.
+    tensors = {}
+    for chunk in model_chunks(model):
+        tensors.update(megatron_to_hf(chunk, spec, ps.get_tensor_model_parallel_world_size(),
+                                      ps.get_tensor_model_parallel_group()))
 
     def write_stage(tmp: Path, pp_rank: int, pp: int) -> None:
         from safetensors.torch import save_file

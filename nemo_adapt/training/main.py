@@ -3,7 +3,7 @@
     setup     check every input, start process groups, data, model + PEFT, optimizer, resume
     train     Megatron-Core schedule per step; log, validate, checkpoint, stop on a signal
     evaluate  test split: adapted model vs prompt-only baseline (exact match)
-    cleanup   final checkpoint, results, loss curve, W&B finish
+    cleanup   final checkpoint, the adapter (PEFT) or model/ (full fine-tuning), results, loss curve, W&B finish
 
 Runs as one process or under torchrun/srun (one process per GPU, or per CPU rank over gloo).
 """
@@ -261,7 +261,7 @@ def run(recipe: str, overrides: list[str]) -> int:
 
     # ---------------------------------------------------------------- evaluate
     results = {}
-    adapter_dir = None
+    adapter_dir = model_dir = None
     # The bare GPTModel chunks (inside DDP and Float16Module): what generation and artifacts walk.
     module = [unwrap(c) for c in ddp] if len(ddp) > 1 else unwrap(ddp[0])
     if exit_code == 0:
@@ -273,6 +273,8 @@ def run(recipe: str, overrides: list[str]) -> int:
                 "base_model": spec.name, "base_checkpoint": source.location,
                 "base_model_fingerprint": fingerprint, "data_fingerprint": data.fingerprint["combined"],
                 "run": cfg.run.name, "step": step})
+        else:
+            model_dir = _export_model(module, spec, source, run_dir, main_rank)
         if data.validation is not None:
             logger.log(step, {"val/loss": engine.validation_loss(ddp, data.validation, plan, info.dp_rank, seq,
                                                                  cfg.run.eval_batches, packed)})
@@ -305,7 +307,9 @@ def run(recipe: str, overrides: list[str]) -> int:
                   "checkpoint_bytes": _dir_bytes(final) if final else None,
                   "base_checkpoint_bytes": _dir_bytes(Path(source.location)),
                   "base_fp32_bytes": 4 * spec.num_parameters(),
-                  "adapter_bytes": _dir_bytes(adapter_dir) if adapter_dir else None, "eval": results,
+                  "adapter_bytes": _dir_bytes(adapter_dir) if adapter_dir else None,
+                  "model_dir": str(model_dir) if model_dir else None,
+                  "model_bytes": _dir_bytes(model_dir) if model_dir else None, "eval": results,
                   "data": {"fingerprint": data.fingerprint["combined"], "stats": data.stats,
                            "consumed_samples": consumed, "coverage": coverage},
                   "base_model_fingerprint": fingerprint, "layout": layout,
@@ -365,6 +369,19 @@ def _peak_memory_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def _export_model(module, spec, source, run_dir: Path, main_rank: bool) -> Path:
+    """A full fine-tuning result as a Hugging Face directory, RUN_DIR/model — what `adapter/` is for a PEFT run:
+    the artifact `nemo-adapt eval --model`, `export`, `merge` and serving tools take. Written in the training
+    parameters' dtype (float32 on CPU, bf16 on a GPU: no precision is invented); every rank calls it."""
+    from nemo_adapt.models.builder import model_chunks
+    from nemo_adapt.models.export import export_hf
+    from nemo_adapt.tokenizer import tokenizer_if_any
+
+    dtype = next(model_chunks(module)[0].parameters()).dtype
+    tok = tokenizer_if_any(source.tokenizer_path, source.location, "run") if main_rank else None
+    return export_hf(module, spec, run_dir / "model", tokenizer=tok, dtype=dtype)
 
 
 def _dir_bytes(path: Path) -> int:
