@@ -26,6 +26,7 @@ _SUBCOMMANDS = {
     "config": "nemo_adapt.config.cli",
     "launch": "nemo_adapt.launch.cli",
     "eval": "nemo_adapt.eval.cli",
+    "compare": "nemo_adapt.eval.compare",
     "merge": "nemo_adapt.merge.cli",
 }
 

@@ -50,7 +50,7 @@ def measure(model, spec, prompts: Sequence[Sequence[int]], new_tokens: int = 32,
             prefix length), for `context_tokens`.
 
     Returns:
-        {"ttft_s", "decode_tokens_per_s": {b: tokens/s}, "context_tokens", "new_tokens", "repeats",
+        {"ttft_s", "decode_tokens_per_s": {b: tokens/s, or None when not measurable}, "context_tokens", "new_tokens", "repeats",
          "peak_memory_bytes", "memory_kind"}.
 
     Raises:
@@ -83,7 +83,8 @@ def measure(model, spec, prompts: Sequence[Sequence[int]], new_tokens: int = 32,
         batch = prompts[:b]
         full = statistics.median(run(batch, new_tokens) for _ in range(repeats))
         first = statistics.median(run(batch, 1) for _ in range(repeats))
-        decode[b] = round(b * (new_tokens - 1) / max(full - first, 1e-9), 2)
+        # None when the timer cannot separate decoding from the first token (a tiny model, a short budget).
+        decode[b] = round(b * (new_tokens - 1) / (full - first), 2) if full > first else None
     peak, kind = _peak_memory()
     n_virtual = virtual_token_count(model_chunks(model)[0])
     return {"ttft_s": round(ttft, 4), "decode_tokens_per_s": decode,
