@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tiny Llama LoRA on CPUs (gloo): small clusters, trying the launch path, and the Slurm tests.
 # No GPUs, no container: runs from the virtual environment scripts/setup.sh builds.
-#   python slurm/local/tiny_data.py runs/tiny_data && mkdir -p logs
+#   mkdir -p logs                                                  # data: datasets/tiny_upper (shipped)
 #   sbatch launch/tiny_cpu.sh [key=value ...]                      # 2 nodes x 2 ranks
 #   sbatch --nodes=1 launch/tiny_cpu.sh parallel.tensor=2          # 1 node, TP2
 # Environment: NEMO_ADAPT_GPUS_PER_NODE (ranks per node, default 2), NEMO_ADAPT_RECIPE, and the
