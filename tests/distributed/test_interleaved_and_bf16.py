@@ -72,6 +72,15 @@ def test_full_finetuning_interleaved_with_distributed_optimizer(tmp_path, tiny_d
     ref = train_losses(dp2)
     assert ref[5] < ref[1] - 0.1, "full fine-tuning did not reduce the loss"
     _close(train_losses(vp), ref, 1e-4, "full FT PP2xVP2 vs DP2")
+    # The result, RUN_DIR/model: the interleaved stages' chunks written as one Hugging Face directory, the same
+    # weights as the DP2 run's (and not the base's: training changed them).
+    from safetensors.torch import load_file
+
+    a = load_file(str(dp2 / "model" / "model.safetensors"))
+    b = load_file(str(vp / "model" / "model.safetensors"))
+    assert set(a) == set(b) and len(a) == 4 * 9 + 2  # 4 layers x 9 tensors, embeddings, final norm (tied head)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, f"PP2xVP2 model/ differs from DP2's by {worst}"
 
 
 BF16_TOLERANCE = 0.05
