@@ -12,7 +12,10 @@ evaluation) share them: the common prefix is prefilled once, in one batch row, i
 values copied to the other rows, and the rest of the prefill runs as a second chunk with an explicit
 causal mask. Megatron turns its own causal masking off for any chunk after the first (it expects
 single-token decode steps), so this needs the local attention, which applies a given mask; with
-Transformer Engine attention the whole prefill runs as one chunk instead.
+Transformer Engine attention the whole prefill runs as one chunk instead. When batch rows run
+different functions of their tokens (a mixed-adapter batch, `generation.multi_lora`: each row its own
+LoRA adapter), the model says so through `batch_rows` (below): the prefix is then prefilled once per
+group of rows that compute alike, each group's cached keys and values copied to its own rows only.
 
 Under pipeline parallelism, hidden states flow stage to stage with point-to-point sends; the last
 stage gathers the vocabulary-parallel logits over its TP group, picks the next tokens and broadcasts
@@ -108,6 +111,34 @@ def _copy_cached_row(ctx, length: int) -> None:
     for key, value in ctx.key_value_memory_dict.values():
         key[:length, 1:] = key[:length, :1]
         value[:length, 1:] = value[:length, :1]
+
+
+def _copy_cached_rows(ctx, length: int, sources: torch.Tensor) -> None:
+    """Set the first `length` cached positions of every batch row i to those of row `sources[i]`, in
+    every layer this stage holds. The right-hand side is gathered before anything is written, so a
+    source row may itself be overwritten."""
+    for key, value in ctx.key_value_memory_dict.values():
+        key[:length] = key[:length, sources]
+        value[:length] = value[:length, sources]
+
+
+def batch_rows(model):
+    """The per-row state of a batch whose rows compute different functions of their tokens, or None.
+
+    A mixed-adapter batch (`generation.multi_lora.MultiLoRA.mixed`) puts the same object on every model
+    chunk as the attribute `batch_rows` for as long as the rows are selected. It offers `row_keys()`:
+    one hashable key per batch row, rows with equal keys computing the same function of their tokens;
+    and `only_rows(rows)`: a context manager inside which the model's forwards run on those batch
+    rows only, in that order. Generation needs both only to prefill a shared prompt prefix once per
+    group of rows instead of once for all (the cached keys and values of row 0 would be wrong for a
+    row that runs another adapter); every other step runs on all rows, in their order, so the rows
+    and their selection never drift apart.
+    """
+    for chunk in model_chunks(model):
+        rows = getattr(chunk, "batch_rows", None)
+        if rows is not None:
+            return rows
+    return None
 
 
 def _stage_forward(model, tokens, positions, ctx, hidden_shape, dtype, attention_mask=None):
@@ -256,12 +287,32 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_token_
     prev, cur = 0, min(lengths)
     # At least one own prompt token per row after the shared part: its logits start each row's answer.
     shared = min(common_prefix_length(prompts), cur - 1) if batch > 1 and accepts_chunk_masks(model) else 0
+    rows = batch_rows(model)
     with _eval_mode(model):
-        if shared >= MIN_SHARED_PREFIX:
+        if shared >= MIN_SHARED_PREFIX and rows is None:
             positions = torch.arange(shared, device=device).unsqueeze(0)
             _stage_forward(model, tokens[:1, :shared], positions, ctx, (shared, 1, hidden_size), dtype)
             ctx.increment_sequence_len_offset(shared)
             _copy_cached_row(ctx, shared)
+            prev = shared
+        elif shared >= MIN_SHARED_PREFIX:
+            # One prefill row per group (its first row), in cache rows 0..g-1; then every row takes
+            # its group's. The keys are the same on every rank, so all stages agree on g.
+            keys = list(rows.row_keys())
+            if len(keys) != batch:
+                raise ValueError(f"the model's batch_rows select {len(keys)} rows, but generate was given "
+                                 f"{batch} prompts")
+            firsts = {}
+            for i, k in enumerate(keys):
+                firsts.setdefault(k, i)
+            reps = list(firsts.values())
+            g = len(reps)
+            slot = {k: j for j, k in enumerate(firsts)}
+            positions = torch.arange(shared, device=device).unsqueeze(0).expand(g, -1)
+            with rows.only_rows(reps):
+                _stage_forward(model, tokens[reps, :shared], positions, ctx, (shared, g, hidden_size), dtype)
+            ctx.increment_sequence_len_offset(shared)
+            _copy_cached_rows(ctx, shared, torch.tensor([slot[k] for k in keys], device=device))
             prev = shared
         while cur < total and not bool(done.all()):
             chunk = tokens[:, prev:cur]

@@ -188,6 +188,9 @@ class LoRALinear(torch.nn.Module):
             self.adapter.up.weight.glu_interleaved = True
         self.merged = False
         self.adapter_enabled = True
+        # Set while a mixed-adapter batch is served (generation.multi_lora): each batch row then gets
+        # its own adapter's update from it instead of this module's `adapter`.
+        self.row_adapters = None
         if hasattr(base_layer, "return_layernorm_output"):
             # Transformer Engine fuses the pre-norm into linear_qkv/linear_fc1: ask it for the normed
             # input too, so the adapter sees what the base GEMM sees.
@@ -208,6 +211,8 @@ class LoRALinear(torch.nn.Module):
         result, bias, adapter_in = self._base_forward(x, *args, **kwargs)
         if self.merged or not self.adapter_enabled:
             return result, bias
+        if self.row_adapters is not None:
+            return result + self.row_adapters.delta(self, adapter_in), bias
         if self.kind == "row" and self.training and not isinstance(self.dropout, torch.nn.Identity):
             # The input is split over TP ranks: each rank's shard needs its own dropout mask.
             from megatron.core.tensor_parallel import get_cuda_rng_tracker
