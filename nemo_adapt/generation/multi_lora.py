@@ -26,7 +26,9 @@ rank-r activations are all-gathered over the sequence, as `ColumnParallelLinear`
 layer's row-split A gives partial rank-r activations that are all-reduced over TP (reduce-scattered
 over the sequence under SP), as `RowParallelLinear` does, before the replicated B. So any TP size
 works the same way as TP1; pipeline stages each stack their own layers and `generate` finds the
-selection on every stage. Tested at TP1 (`tests/unit/test_multi_lora.py`).
+selection on every stage. Tested at TP1 (`tests/unit/test_multi_lora.py`) and TP2, where the mixed batch
+gives TP1's tokens and logits (`tests/distributed/test_multi_lora_tp.py`); the sequence-parallel branch
+(SP runs on GPUs only here) and pipeline parallelism are not tested.
 
 Typical use:
 
