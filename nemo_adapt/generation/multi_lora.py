@@ -10,10 +10,12 @@ both here, over a model built once with LoRA applied (`peft.lora.LoRALinear` mod
   gathering A and B per row from the stacked adapters and two batched matmuls: Punica's BGMV
   (Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving", arXiv:2310.18547), the scheme S-LoRA
   (Sheng et al. 2023, arXiv:2311.03285) and vLLM also use; here in plain `torch.bmm`, not a fused
-  kernel. Inference only: no dropout, no gradients wanted.
+  kernel. Inference only: no dropout, no gradients wanted. The rows' A and B are gathered once per
+  selection (a generate() call keeps its rows), so a batch of b rows holds b adapters' copies for it.
 
 Adapters of different ranks are served together: each is zero-padded to the largest rank R (zero rows
-of A, zero columns of B), which computes exactly the same update, and keeps its own scale alpha_k / r_k.
+of A, zero columns of B), which computes the same update (the zero terms add nothing; a matmul of another
+width may round the last bit differently), and keeps its own scale alpha_k / r_k.
 The model's live LoRA modules must then have rank R (`serving_config` gives the config to apply).
 Adapters must agree on everything else that decides where updates go (method LoRA, target modules,
 layers) and belong to the same base (its fingerprint, checked by `load_adapter`); otherwise loading is
