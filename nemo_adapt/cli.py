@@ -28,6 +28,7 @@ _SUBCOMMANDS = {
     "eval": "nemo_adapt.eval.cli",
     "compare": "nemo_adapt.eval.compare",
     "merge": "nemo_adapt.merge.cli",
+    "registry": "nemo_adapt.artifacts.registry_cli",
 }
 
 

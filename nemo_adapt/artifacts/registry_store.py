@@ -1,0 +1,329 @@
+"""Where a registry keeps its bytes: a local directory, or an object store through `fsspec`.
+
+The registry needs four things of a location, and each backend gives them as its medium allows:
+
+| need | local directory | object store (s3://, gs://, ... via fsspec) |
+|---|---|---|
+| a file appears whole or not at all | written to `tmp/`, fsynced, then hard-linked into place | one PUT: an object appears whole |
+| create only if absent (a manifest, an audit entry) | `os.link` fails on an existing name: atomic | `fs.pipe_file(mode="create")`: S3's conditional write (`If-None-Match: *`, s3fs); elsewhere fsspec checks then writes, which is not atomic (a warning says so) |
+| one writer at a time | `filelock` (an `flock` on `.lock`; the kernel drops it when the holder dies, even by SIGKILL) | no lock: the conditional create above is what keeps two writers apart |
+| listing | `os.listdir` | `fs.ls` with the listing cache dropped first |
+
+We use `fsspec` (and `filelock`) rather than our own clients: they are the well-kept, widely used layer every
+Python data tool speaks; a new store is one `pip install` (s3fs, gcsfs, adlfs) away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from nemo_adapt.errors import ConfigError
+
+LOCK = ".lock"
+"""The local lock file, at the registry root."""
+TMP = "tmp"
+"""Local staging directory, at the registry root: on the same filesystem, so publishing is a link or rename."""
+_CHUNK = 1 << 20
+
+ATOMIC_CREATE_PROTOCOLS = frozenset({"s3", "s3a"})
+"""Object-store protocols whose create-if-absent is one conditional request (s3fs sends `If-None-Match: *`, which
+AWS S3 honours since 2024-08 and which moto, MinIO and Ceph RGW implement)."""
+
+
+class RegistryWarning(UserWarning):
+    """A registry location gives weaker guarantees than the registry wants (printed as one `warning:` line)."""
+
+
+class Store(Protocol):
+    """The operations the registry needs of a location (paths are relative, `/`-separated)."""
+
+    url: str
+    """The location as the user named it (credentials never appear: fsspec takes them from the environment)."""
+
+    def read(self, rel: str) -> bytes:
+        """The bytes at `rel` (FileNotFoundError when absent)."""
+
+    def open(self, rel: str) -> BinaryIO:
+        """A binary reader for `rel` (FileNotFoundError when absent)."""
+
+    def exists(self, rel: str) -> bool:
+        """Whether `rel` exists."""
+
+    def listdir(self, rel: str) -> list[str]:
+        """Entry names directly under directory `rel` (empty when it does not exist)."""
+
+    def put_object(self, src: Path, rel: str, sha256: str) -> bool:
+        """Store file `src` at `rel` unless something is there already; returns whether it wrote.
+
+        Raises:
+            ConfigError: `src` no longer has the sha256 it was scanned with (it changed during the add).
+        """
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write `data` at `rel` only if nothing is there, atomically; returns False when `rel` exists."""
+
+    def fetch(self, rel: str, dest: Path) -> None:
+        """Copy `rel` to the local file `dest`."""
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        """Held around every read-decide-create sequence (manifest and audit entry writes)."""
+
+    def leftovers(self) -> list[str]:
+        """Temporary files that interrupted writes left behind (harmless; never listed as versions)."""
+
+
+def _hashing_copy(src: Path, out: BinaryIO, sha256: str) -> None:
+    """Copy `src` into `out`, hashing on the way; the bytes written are the bytes hashed."""
+    h = hashlib.sha256()
+    with open(src, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+            out.write(block)
+    if h.hexdigest() != sha256:
+        raise ConfigError(f"{str(src)!r} changed while it was being added (sha256 {sha256[:12]} when scanned, "
+                          f"{h.hexdigest()[:12]} when copied); add it again once nothing writes to it")
+
+
+class LocalStore:
+    """A registry in a local (or network-mounted POSIX) directory."""
+
+    def __init__(self, root: str | os.PathLike, url: str | None = None):
+        self.root = Path(root)
+        self.url = url or str(root)
+
+    def _path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def read(self, rel: str) -> bytes:
+        return self._path(rel).read_bytes()
+
+    def open(self, rel: str) -> BinaryIO:
+        return open(self._path(rel), "rb")
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).exists()
+
+    def listdir(self, rel: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._path(rel)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _staged(self) -> tuple[int, Path]:
+        tmp = self.root / TMP
+        tmp.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=tmp, prefix=f"{os.getpid()}-")
+        return fd, Path(name)
+
+    def _publish(self, staged: Path, dest: Path) -> bool:
+        """Link the finished, fsynced `staged` file to `dest` unless `dest` exists; remove `staged` either way."""
+        from nemo_adapt.file_modes import follow_umask
+
+        try:
+            follow_umask(staged)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(staged, dest)  # atomic, and refuses an existing name: nothing is ever overwritten
+            except FileExistsError:
+                return False
+            except OSError:
+                # A filesystem without hard links (some network or FUSE mounts): every create runs under the
+                # lock, so checking first and renaming is exclusive here too.
+                if dest.exists():
+                    return False
+                os.rename(staged, dest)
+            _fsync_dir(dest.parent)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+
+    def put_object(self, src: Path, rel: str, sha256: str) -> bool:
+        dest = self._path(rel)
+        if dest.exists():
+            return False
+        fd, staged = self._staged()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _hashing_copy(src, out, sha256)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return self._publish(staged, dest)
+
+    def create(self, rel: str, data: bytes) -> bool:
+        dest = self._path(rel)
+        if dest.exists():
+            return False
+        fd, staged = self._staged()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return self._publish(staged, dest)
+
+    def fetch(self, rel: str, dest: Path) -> None:
+        shutil.copyfile(self._path(rel), dest)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        import filelock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(str(self.root / LOCK)):
+            yield
+
+    def leftovers(self) -> list[str]:
+        return [f"{TMP}/{n}" for n in self.listdir(TMP)]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new directory entry durable (a crash right after an add must not lose the manifest's name)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class FsspecStore:
+    """A registry on any filesystem fsspec opens (s3://bucket/prefix, gs://..., memory://...).
+
+    Credentials and endpoints come from the filesystem's own configuration (for S3: the AWS environment
+    variables, `AWS_ENDPOINT_URL` included, or ~/.aws), never from the registry URL or its files.
+    """
+
+    def __init__(self, url: str):
+        import fsspec
+
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url)
+        except ImportError as err:
+            protocol = url.split("://", 1)[0]
+            package = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+            raise ConfigError(f"registry {url!r}: the {protocol}:// filesystem is not installed "
+                              f"(pip install {package.get(protocol, 'the fsspec implementation for ' + protocol)}"
+                              f"{'; or nemo-adapt[s3]' if protocol in ('s3', 's3a') else ''}): {err}") from None
+        except ValueError as err:
+            raise ConfigError(f"registry {url!r}: not a location fsspec can open ({err})") from None
+        self.root = root.rstrip("/")
+        self.url = url
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.atomic_create = bool(ATOMIC_CREATE_PROTOCOLS & set(protocols))
+        self._probed = False
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def read(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._path(rel))
+
+    def open(self, rel: str) -> BinaryIO:
+        return self.fs.open(self._path(rel), "rb")
+
+    def exists(self, rel: str) -> bool:
+        self.fs.invalidate_cache(self._path(rel))
+        return self.fs.exists(self._path(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        path = self._path(rel)
+        self.fs.invalidate_cache(path)  # another process may have written since this one last listed
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path})
+
+    def put_object(self, src: Path, rel: str, sha256: str) -> bool:
+        dest = self._path(rel)
+        if self.exists(rel):
+            return False
+        try:
+            with self.fs.open(dest, "wb") as out:  # one (multipart) upload: the object appears whole at close
+                _hashing_copy(src, out, sha256)
+        except ConfigError:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(dest)
+            raise
+        return True
+
+    def create(self, rel: str, data: bytes) -> bool:
+        self._check_conditional_writes()
+        try:
+            self.fs.pipe_file(self._path(rel), data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def _check_conditional_writes(self) -> None:
+        """Once per process and store: say when two writers at once are not kept apart."""
+        if self._probed:
+            return
+        self._probed = True
+        if not self.atomic_create:
+            warnings.warn(f"registry {self.url}: this filesystem creates a file only-if-absent by checking first and "
+                          "then writing, which is not atomic: keep to one writer at a time (concurrent writers are "
+                          "kept apart on local directories and S3)", RegistryWarning, stacklevel=4)
+            return
+        probe = self._path(f"tmp/probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.pipe_file(probe, b"1", mode="create")
+            try:
+                self.fs.pipe_file(probe, b"2", mode="create")
+                honoured = False
+            except FileExistsError:
+                honoured = True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(probe)
+        if not honoured:
+            warnings.warn(f"registry {self.url}: the server ignored a conditional write (If-None-Match): two "
+                          "processes writing at once could both take the same audit entry; keep to one writer at a "
+                          "time", RegistryWarning, stacklevel=4)
+
+    def fetch(self, rel: str, dest: Path) -> None:
+        self.fs.get_file(self._path(rel), str(dest))
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        # No lock object: a lease on an object store needs expiry and fencing to survive a killed holder, and
+        # the conditional creates above already make every commit exclusive (see the module docstring).
+        return contextlib.nullcontext()
+
+    def leftovers(self) -> list[str]:
+        return []
+
+
+def open_store(location: str) -> Store:
+    """The store for a registry location: a local path (or file:// URL) or any other fsspec URL.
+
+    Args:
+        location: `registry`, `/shared/registry`, `file:///shared/registry`, `s3://bucket/prefix`, ...
+
+    Raises:
+        ConfigError: the URL's filesystem package is not installed, or fsspec cannot open it.
+    """
+    if "://" not in location:
+        return LocalStore(location)
+    if location.startswith("file://"):
+        return LocalStore(location[len("file://"):], url=location)
+    return FsspecStore(location)
