@@ -196,6 +196,7 @@ def test_smollm2_adapter_made_by_peft_imports_with_peft_model_logits(tmp_path, s
     assert back.tensors.keys() == saved.keys() and all(torch.equal(back.tensors[k], saved[k]) for k in saved)
 
 
+@pytest.mark.exhaustive  # ~5 min; the battery folds trained adapters at TP2xPP2 on every CI run
 def test_smollm2_lora_trained_and_merged_at_tp3_equals_tp1_our_model_and_merge_and_unload(tmp_path, smollm2_hf,
                                                                                           prompts):
     """The shipped LoRA recipe trained for 3 steps at TP3 (SmolLM2's 9 heads in 3 KV groups split 3 ways), then
