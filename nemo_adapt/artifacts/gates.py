@@ -233,8 +233,9 @@ def _dataset_gate(raw: dict, where: str, line: int, base: Path) -> Gate:
         if list(spec) == ["test_sha256"] and isinstance(spec["test_sha256"], str) and \
                 re.fullmatch(r"[0-9a-f]{64}", spec["test_sha256"]):
             return Gate("dataset", line, test_sha256=spec["test_sha256"])
+    shown = {k: v for k, v in value.items() if k != "__line__"} if isinstance(value, dict) else value
     raise ConfigError(f"{where}: dataset must be `current` (the test file the evaluation names, hashed now), "
-                      f"{{test: PATH}} or {{test_sha256: <64 hex digits>}}, got {value!r}")
+                      f"{{test: PATH}} or {{test_sha256: '<64 hex digits>'}} (quoted), got {shown!r}")
 
 
 def load_gates(path: str | Path) -> Gates:

@@ -559,6 +559,10 @@ class Registry:
         """
         self.location = resolve_location(location)
         self.store: Store = open_store(self.location)
+        # Manifests and audit entries never change once written: each is read once per Registry (on an object
+        # store every read is a request). Listings are not cached: other writers add to them.
+        self._manifests: dict[tuple[str, str], Version] = {}
+        self._entries: dict[str, dict] = {}
 
     # ---- reading
 
@@ -575,20 +579,25 @@ class Registry:
         return sorted(out, key=lambda v: (v.manifest.get("created", {}).get("at", ""), v.id))
 
     def _load(self, name: str, vid: str) -> Version:
+        if (name, vid) in self._manifests:
+            return self._manifests[(name, vid)]
         rel = f"versions/{name}/{vid}.json"
         try:
             manifest = json.loads(self.store.read(rel))
         except (ValueError, UnicodeDecodeError) as err:
             raise ConfigError(f"{self.location}/{rel}: unreadable manifest ({err}); run `nemo-adapt registry "
                               "verify`") from None
-        return Version(name, vid, manifest)
+        version = self._manifests[(name, vid)] = Version(name, vid, manifest)
+        return version
 
     def audit(self) -> list[dict]:
         """Every audit entry, in order."""
         out = []
         for entry in self.store.listdir("audit"):
             if re.fullmatch(r"\d{8}\.json", entry):
-                out.append(json.loads(self.store.read(f"audit/{entry}")))
+                if entry not in self._entries:
+                    self._entries[entry] = json.loads(self.store.read(f"audit/{entry}"))
+                out.append(self._entries[entry])
         return sorted(out, key=lambda e: e["seq"])
 
     @staticmethod
@@ -633,15 +642,15 @@ class Registry:
             raise ConfigError(f"{name!r} has no versions in registry {self.location}")
         if not sep or what == "latest":
             return versions[-1]
-        aliases = self.aliases().get(name, {})
-        if what in aliases:
-            return next(v for v in versions if v.id == aliases[what])
-        if _HEX.match(what):
+        if _HEX.match(what):  # an alias is never all hex digits (`_check_alias`): no need to read the log first
             hits = [v for v in versions if v.id.startswith(what)]
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
                 raise ConfigError(f"{ref!r} is ambiguous: {', '.join(v.short for v in hits)}; give more digits")
+        aliases = self.aliases().get(name, {})
+        if what in aliases:
+            return next(v for v in versions if v.id == aliases[what])
         # Aliases named in the log but unset now (refused, rolled back) are suggestions too: a typo of `production`
         # is likely before production was ever set.
         logged = sorted({e["alias"] for e in self.audit() if e["name"] == name} - set(aliases))
@@ -853,7 +862,7 @@ class Registry:
         notes = []
         if ref is None:
             problems += self._check_audit({v.name: {x.id for x in versions if x.name == v.name} for v in versions})
-            stored = {n for d in self.store.listdir("objects/sha256") for n in self.store.listdir(f"objects/sha256/{d}")}
+            stored = {p.rsplit("/", 1)[-1] for p in self.store.find("objects/sha256")}
             orphans = stored - set(hashed)
             if orphans:
                 notes.append(f"{len(orphans)} stored file(s) belong to no version (left by an interrupted add; "
@@ -867,10 +876,15 @@ class Registry:
     def _check_object(self, sha: str, size: int) -> str | None:
         h, n = hashlib.sha256(), 0
         try:
-            with self.store.open(object_path(sha)) as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-                    n += len(block)
+            if size <= 64 * 2**20:  # one request on an object store; a large file is streamed instead
+                data = self.store.read(object_path(sha))
+                h.update(data)
+                n = len(data)
+            else:
+                with self.store.open(object_path(sha)) as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
+                        n += len(block)
         except FileNotFoundError:
             return f"is missing from the store (sha256 {sha[:12]})"
         if h.hexdigest() != sha:
@@ -1049,10 +1063,13 @@ def log_wandb_artifact(manifest: dict, scanned: Scanned, mode: str, environ: dic
     logging_cfg = (manifest.get("recipe") or {}).get("logging") or {}
     project = env.get("WANDB_PROJECT") or logging_cfg.get("wandb_project") or "nemo-adapt"
     entity = env.get("WANDB_ENTITY") or logging_cfg.get("wandb_entity")
+    # W&B keeps a local copy of the run: in WANDB_DIR when set, else in a temporary directory removed afterwards
+    # (not a wandb/ folder left wherever `registry add` was run).
+    local = env.get("WANDB_DIR") or tempfile.mkdtemp(prefix="nemo-adapt-wandb-")
     try:
         import wandb
 
-        run = wandb.init(project=project, entity=entity, job_type="registry-add", mode=mode,
+        run = wandb.init(project=project, entity=entity, job_type="registry-add", mode=mode, dir=local,
                          name=f"registry-add-{manifest['name']}", config=scrub({"version": manifest["id"]}))
         try:
             artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "_", manifest["name"]),
@@ -1076,6 +1093,9 @@ def log_wandb_artifact(manifest: dict, scanned: Scanned, mode: str, environ: dic
         warnings.warn(f"W&B artifact not logged ({type(err).__name__}: {err}); the registry version is complete "
                       "without it", RegistryWarning, stacklevel=2)
         return None
+    finally:
+        if not env.get("WANDB_DIR"):
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def _attr(obj: Any, name: str) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ LOCK = ".lock"
 """The local lock file, at the registry root."""
 TMP = "tmp"
 """Local staging directory, at the registry root: on the same filesystem, so publishing is a link or rename."""
+PROBE = "store.json"
+"""(object stores) Whether the server honoured a conditional write when this registry was first written."""
 _CHUNK = 1 << 20
 
 ATOMIC_CREATE_PROTOCOLS = frozenset({"s3", "s3a"})
@@ -60,6 +63,9 @@ class Store(Protocol):
 
     def listdir(self, rel: str) -> list[str]:
         """Entry names directly under directory `rel` (empty when it does not exist)."""
+
+    def find(self, rel: str) -> list[str]:
+        """Every file under directory `rel`, recursively, as paths relative to `rel` (one listing on object stores)."""
 
     def put_object(self, src: Path, rel: str, sha256: str) -> bool:
         """Store file `src` at `rel` unless something is there already; returns whether it wrote.
@@ -117,6 +123,10 @@ class LocalStore:
             return sorted(os.listdir(self._path(rel)))
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def find(self, rel: str) -> list[str]:
+        base = self._path(rel)
+        return sorted(str(Path(d, f).relative_to(base)) for d, _, files in os.walk(base) for f in files)
 
     def _staged(self) -> tuple[int, Path]:
         tmp = self.root / TMP
@@ -217,7 +227,8 @@ class FsspecStore:
         import fsspec
 
         try:
-            self.fs, root = fsspec.core.url_to_fs(url)
+            # A fresh instance: a cached one would keep the endpoint and credentials it was first made with.
+            self.fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True)
         except ImportError as err:
             protocol = url.split("://", 1)[0]
             package = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
@@ -254,6 +265,11 @@ class FsspecStore:
             return []
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path})
 
+    def find(self, rel: str) -> list[str]:
+        base = self._path(rel)
+        self.fs.invalidate_cache(base)
+        return sorted(p[len(base) + 1:] for p in self.fs.find(base))
+
     def put_object(self, src: Path, rel: str, sha256: str) -> bool:
         dest = self._path(rel)
         if self.exists(rel):
@@ -276,7 +292,11 @@ class FsspecStore:
         return True
 
     def _check_conditional_writes(self) -> None:
-        """Once per process and store: say when two writers at once are not kept apart."""
+        """Once per process and store: say when two writers at once are not kept apart.
+
+        On S3 the server is asked once per registry (a probe object created twice; the second create must be
+        refused) and the answer kept in `PROBE`, so later processes pay one read instead of three requests.
+        """
         if self._probed:
             return
         self._probed = True
@@ -285,21 +305,31 @@ class FsspecStore:
                           "then writing, which is not atomic: keep to one writer at a time (concurrent writers are "
                           "kept apart on local directories and S3)", RegistryWarning, stacklevel=4)
             return
+        try:
+            honoured = json.loads(self.fs.cat_file(self._path(PROBE)))["conditional_writes"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            honoured = self._probe()
+            with contextlib.suppress(FileExistsError):  # another process may have written it meanwhile
+                self.fs.pipe_file(self._path(PROBE), json.dumps({"conditional_writes": honoured}).encode(),
+                                  mode="create")
+        if not honoured:
+            warnings.warn(f"registry {self.url}: the server ignored a conditional write (If-None-Match): two "
+                          "processes writing at once could both take the same audit entry; keep to one writer at a "
+                          "time", RegistryWarning, stacklevel=4)
+
+    def _probe(self) -> bool:
+        """Whether the server refuses a second create-if-absent of the same object."""
         probe = self._path(f"tmp/probe-{uuid.uuid4().hex}")
         try:
             self.fs.pipe_file(probe, b"1", mode="create")
             try:
                 self.fs.pipe_file(probe, b"2", mode="create")
-                honoured = False
+                return False
             except FileExistsError:
-                honoured = True
+                return True
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(probe)
-        if not honoured:
-            warnings.warn(f"registry {self.url}: the server ignored a conditional write (If-None-Match): two "
-                          "processes writing at once could both take the same audit entry; keep to one writer at a "
-                          "time", RegistryWarning, stacklevel=4)
 
     def fetch(self, rel: str, dest: Path) -> None:
         self.fs.get_file(self._path(rel), str(dest))
