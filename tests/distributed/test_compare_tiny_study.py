@@ -68,7 +68,7 @@ def test_the_tiny_study_fills_every_column_and_resumes_without_retraining(tmp_pa
     assert "| candidate | method |" in report and "## Scenarios" in report and "**one_variant**" in report
     html = (out / "report.html").read_text()
     assert html.count("<svg") == 3 and "Quality vs trainable parameters" in html
-    assert "[5/5] full" in first.stdout and "ETA" in first.stdout or "left" in first.stdout
+    assert "[5/5] full: training" in first.stdout and " left" in first.stdout  # which candidate, and an ETA
 
     # A candidate whose run did not finish (here: its results removed) is trained again; the others are reused
     # as they are — their logs do not grow and their evaluations are not redone.
