@@ -732,8 +732,11 @@ class Registry:
         }
         manifest.setdefault("parents", [])
         manifest["wandb"] = (log_wandb or wandb_link)(manifest, scanned)
+        data = (json.dumps(manifest, indent=2, default=str) + "\n").encode()
         with self.store.lock():
-            created = self.store.create(rel, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+            created = self.store.create(rel, data)
+        if created:  # as stored (a JSON round trip), without reading it back
+            self._manifests[(name, vid)] = Version(name, vid, json.loads(data))
         return AddResult(self._load(name, vid), created, new, scanned.notes)
 
     def _append(self, make: Callable[[list[dict]], dict | None]) -> dict | None:

@@ -227,8 +227,9 @@ class FsspecStore:
         import fsspec
 
         try:
-            # A fresh instance: a cached one would keep the endpoint and credentials it was first made with.
-            self.fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True)
+            # fsspec's instance cache gives one client per process and options: making an S3 client parses
+            # botocore's service model (about a second on a small machine).
+            self.fs, root = fsspec.core.url_to_fs(url)
         except ImportError as err:
             protocol = url.split("://", 1)[0]
             package = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}

@@ -2,14 +2,14 @@
 
 The server is moto's (`moto.server.ThreadedMotoServer`, port 0): it speaks the S3 REST API over HTTP, so the
 bytes go through s3fs, aiobotocore and botocore exactly as against AWS — including the conditional write
-(`If-None-Match: *`) the registry's create-if-absent relies on. Every verb runs through the CLI; two threads
+(`If-None-Match: *`) the registry's create-if-absent relies on. The verbs run through the CLI (diff reads manifests only: tested on a directory); two threads
 promoting at once leave an audit chain without a lost update; a damaged object is named by verify; no
 credential reaches a stored manifest or audit entry.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import threading
 import warnings
 
@@ -26,6 +26,7 @@ SECRET = "fake-secret-access-key-for-moto"
 
 @pytest.fixture
 def s3_url(monkeypatch):
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a log line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -34,12 +35,14 @@ def s3_url(monkeypatch):
         monkeypatch.setenv(key, value)  # botocore reads the endpoint from AWS_ENDPOINT_URL: nothing registry-specific
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    import fsspec
+    import s3fs
 
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("models")
+    s3fs.S3FileSystem.clear_instance_cache()  # a client made before would keep its endpoint (this server's is new)
+    s3fs.S3FileSystem().mkdir("models")
     try:
         yield "s3://models/registry"
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
 
 
@@ -76,19 +79,18 @@ def test_every_verb_on_s3(s3_url, tmp_path, capsys):
                    "--registry", s3_url)[0] == 0
         code, out, _ = cli(capsys, "rollback", "triage:production", "--registry", s3_url)
         assert f"{b} -> {a} (audit #4)" in out
-        assert "run.seed: 0 -> 1" in cli(capsys, "diff", f"triage:{a}", f"triage:{b}", "--registry", s3_url)[1]
         assert cli(capsys, "get", "triage:production", "--out", str(tmp_path / "got"), "--registry", s3_url)[0] == 0
         assert sha256(tmp_path / "got" / "adapter" / "adapter_model.safetensors") == \
             sha256(runs[0] / "adapter" / "adapter_model.safetensors")
 
-        # Two writers at once, 3 rounds: conditional creates keep the audit log a chain.
+        # Two writers at once, 2 rounds: conditional creates keep the audit log a chain.
         def promote(ref: str, errors: list) -> None:
             try:
                 Registry(s3_url).promote(ref, "canary", gates)
             except Exception as err:  # reported below
                 errors.append(err)
 
-        for _ in range(3):
+        for _ in range(2):
             errors: list = []
             threads = [threading.Thread(target=promote, args=(f"triage:{v}", errors)) for v in (a, b)]
             for t in threads:
@@ -101,14 +103,14 @@ def test_every_verb_on_s3(s3_url, tmp_path, capsys):
 
     reg = Registry(s3_url)
     canary = [e for e in reg.audit() if e["alias"] == "canary"]
-    assert 4 <= len(canary) <= 6  # re-promoting the version already there logs nothing
+    assert 3 <= len(canary) <= 4  # re-promoting the version already there logs nothing
     assert [e["seq"] for e in reg.audit()] == list(range(1, len(reg.audit()) + 1))
     fs = reg.store.fs
     for path in fs.find("models/registry/versions") + fs.find("models/registry/audit"):
         assert SECRET not in fs.cat_file(path).decode() and "testing-access-key" not in fs.cat_file(path).decode()
 
     # A damaged object is named.
-    manifest = json.loads(cli(capsys, "show", f"triage:{a}", "--json", "--registry", s3_url)[1])
+    manifest = reg.resolve(f"triage:{a}").manifest
     target = f"models/registry/{object_path(manifest['files']['config.yaml']['sha256'])}"
     fs.pipe_file(target, b"run: {name: edited}\n")
     code, out, _ = cli(capsys, "verify", "--registry", s3_url)
