@@ -585,7 +585,7 @@ class Registry:
         try:
             manifest = json.loads(self.store.read(rel))
         except (ValueError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{self.location}/{rel}: unreadable manifest ({err}); run `nemo-adapt registry "
+            raise ConfigError(f"{self.store.url}/{rel}: unreadable manifest ({err}); run `nemo-adapt registry "
                               "verify`") from None
         version = self._manifests[(name, vid)] = Version(name, vid, manifest)
         return version
@@ -635,11 +635,11 @@ class Registry:
         names = self.names()
         if name not in names:
             listing = ", ".join(names[:20]) or "none yet"
-            raise ConfigError(f"no artifact named {name!r} in registry {self.location}{_suggest(name, names)} "
+            raise ConfigError(f"no artifact named {name!r} in registry {self.store.url}{_suggest(name, names)} "
                               f"(names: {listing})")
         versions = self.versions(name)
         if not versions:
-            raise ConfigError(f"{name!r} has no versions in registry {self.location}")
+            raise ConfigError(f"{name!r} has no versions in registry {self.store.url}")
         if not sep or what == "latest":
             return versions[-1]
         if _HEX.match(what):  # an alias is never all hex digits (`_check_alias`): no need to read the log first
@@ -751,7 +751,7 @@ class Registry:
                 data = (json.dumps(entry, indent=2, default=str) + "\n").encode()
                 if self.store.create(f"audit/{entry['seq']:08d}.json", data):
                     return entry
-        raise ConfigError(f"registry {self.location}: could not append to the audit log after {_RETRIES} tries "
+        raise ConfigError(f"registry {self.store.url}: could not append to the audit log after {_RETRIES} tries "
                           "(other writers kept taking the next entry); try again")
 
     def promote(self, ref: str, alias: str, gates_file: str | os.PathLike, *, force: bool = False,
@@ -816,7 +816,7 @@ class Registry:
         if not sep:
             alias, holders = name, [n for n, a in current.items() if name in a]
             if len(holders) != 1:
-                every = sorted({a for a in current.values() for a in a})
+                every = sorted({a for per_name in current.values() for a in per_name})
                 raise ConfigError(f"alias {alias!r} is set for {', '.join(holders)}: say which, e.g. "
                                   f"`rollback {holders[0]}:{alias}`" if holders else
                                   f"no artifact has an alias {alias!r}{_suggest(alias, every)} (aliases: "
@@ -872,7 +872,7 @@ class Registry:
                              "harmless, reused if the same file is added again)")
             left = self.store.leftovers()
             if left:
-                notes.append(f"{len(left)} temporary file(s) under {self.location}/tmp from interrupted writes "
+                notes.append(f"{len(left)} temporary file(s) under {self.store.url}/tmp from interrupted writes "
                              "(harmless; safe to delete when no add is running)")
         return VerifyReport(len(versions), len(hashed), problems, notes)
 

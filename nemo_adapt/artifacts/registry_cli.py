@@ -82,7 +82,7 @@ def cmd_add(args) -> int:
     res = reg.add(args.path, name=args.name, eval_file=args.eval, baseline_file=args.baseline, scenario=args.scenario)
     v, m = res.version, res.version.manifest
     if res.created:
-        print(f"added {v.ref} ({_describe(m)}; {res.new_objects} file(s) stored now) to registry {reg.location}")
+        print(f"added {v.ref} ({_describe(m)}; {res.new_objects} file(s) stored now) to registry {reg.store.url}")
     else:
         c = m.get("created") or {}
         print(f"{v.ref} is already registered: the same content was added {_when(c.get('at'))} by {c.get('by')} "
@@ -110,7 +110,7 @@ def cmd_list(args) -> int:
             rows.append([n, v.short, v.manifest["kind"], _when((v.manifest.get("created") or {}).get("at")),
                          ",".join(here) or "-", _metric(v.manifest)])
     if not rows:
-        print(f"registry {reg.location} is empty (nemo-adapt registry add RUN_DIR)")
+        print(f"registry {reg.store.url} is empty (nemo-adapt registry add RUN_DIR)")
         return 0
     print(_table(rows, ["name", "version", "kind", "added", "aliases", "metric"]))
     return 0
@@ -226,7 +226,7 @@ def cmd_verify(args) -> int:
     for n in report.notes:
         print(f"note: {n}")
     verdict = "OK" if not report.problems else f"{len(report.problems)} problem(s)"
-    print(f"verified {report.versions} version(s), {report.files} stored file(s) in {reg.location}: {verdict}")
+    print(f"verified {report.versions} version(s), {report.files} stored file(s) in {reg.store.url}: {verdict}")
     return 0 if not report.problems else 1
 
 

@@ -104,7 +104,7 @@ class LocalStore:
 
     def __init__(self, root: str | os.PathLike, url: str | None = None):
         self.root = Path(root)
-        self.url = url or str(root)
+        self.url = url or str(self.root.absolute())  # messages name the directory wherever they are read
 
     def _path(self, rel: str) -> Path:
         return self.root / rel
