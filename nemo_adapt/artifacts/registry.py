@@ -365,6 +365,9 @@ def _study_candidate(out: Path, scenario: str | None) -> tuple[tuple[Path, Path 
     if rows.get(pick, {}).get("kind") == "baseline":
         raise ConfigError(f"study {matrix.get('study')!r} recommends the prompt-only baseline {pick!r} for "
                           f"{scenario!r}: there is no trained artifact to register")
+    if not (out / pick).is_dir():
+        raise ConfigError(f"study {matrix.get('study')!r} recommends {pick!r} for {scenario!r}, but {str(out / pick)!r} "
+                          "does not exist (was the study's output moved or pruned?)")
     base_row = next((r for r in rows.values() if r.get("kind") == "baseline"), None)
     link = {"relation": "study", "study": matrix.get("study"), "study_sha256": matrix.get("study_sha256"),
             "scenario": scenario, "recommendation": pick, "why": judged[scenario].get("why"),

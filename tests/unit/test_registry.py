@@ -264,3 +264,21 @@ def test_a_study_output_adds_its_recommendation_with_the_studys_baseline(env, ca
     assert "study         triage scenario faq_bot: recommended lora" in cli(capsys, "lineage", "lora")[1]
     code, text, _ = cli(capsys, "promote", f"lora:{vid}", "--to", "production", "--gates", str(env.gates))
     assert code == 0 and "exact_match - prompt-only baseline" in text and "moved lora:production" in text
+
+
+def test_an_adapter_and_a_hugging_face_directory_are_versions_too(env, capsys):
+    code, out, _ = cli(capsys, "add", str(env.run_a / "adapter"), "--eval", str(env.run_a / "eval.json"))
+    assert code == 0 and out.startswith("added triage:") and "(adapter, lora adapter, 3 files" in out
+    assert "note: no prompt-only baseline recorded" in out
+    manifest = Registry().resolve("triage").manifest
+    assert sorted(manifest["files"]) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "eval.json"]
+    assert manifest["base_model"]["fingerprint"].startswith("tiny_llama@")
+
+    hf = write_merged(env.tmp / "export", "validated")
+    (hf / "merge_config.json").unlink()  # an export: config.json and safetensors only
+    code, out, _ = cli(capsys, "add", str(hf))
+    assert code == 0 and "added export:" in out and "(hf_model, hf model, 2 files" in out
+    assert "note: no evaluation recorded: every metric gate will fail (nemo-adapt eval RUN --model DIR" in out
+    (hf / "model-00000.safetensors").write_bytes(b"not safetensors")
+    code, _, err = cli(capsys, "add", str(hf), "--name", "broken")
+    assert code == 2 and "is not a readable safetensors file" in err
