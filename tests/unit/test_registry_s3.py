@@ -22,8 +22,6 @@ from nemo_adapt.cli import main
 from tests.registry_helpers import sha256, write_gates, write_run, write_test_file
 
 SECRET = "fake-secret-access-key-for-moto"
-# 15-40 s on a loaded 2-core machine: each request is a round trip through moto's Python server.
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
