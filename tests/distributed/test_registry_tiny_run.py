@@ -37,7 +37,7 @@ def test_a_trained_run_is_registered_and_promoted_through_the_shipped_gates(tmp_
     (out / "prompt_only").mkdir()
     shutil.move(str(lora / "eval_baseline.json"), out / "prompt_only" / "eval_baseline.json")
     code = main(["eval", str(lora), "--max-examples", "8", "--suite", "suites/tiny_upper.yaml", "--forgetting",
-                 "--latency", "4"])
+                 "--latency", "32"])  # fewer tokens can leave decode within the timer's noise (a rate of None)
     assert code in (0, 1)  # 1: the tiny_upper suite failed, as it may after 4 steps on random weights
     (out / "matrix.json").write_text(json.dumps({
         "study": "tiny_cpu", "study_sha256": "0" * 64, "dataset": {"version": "tiny-test"},
