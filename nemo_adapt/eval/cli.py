@@ -254,7 +254,9 @@ def evaluate_on_task(cfg, records, checkpoint: str | None = None, model_name: st
                 with adapters_disabled(model):
                     base_losses = text_losses(model, tokenizer, source.spec, general_texts)
             result["forgetting"] = forgetting(losses, base_losses)
-        result["provenance"] = provenance(cfg, source, tokenizer, files, split=cfg.data.test, instructions="adapter")
+        # The settings this result was produced with (max_examples as asked for, not the recipe's).
+        result["provenance"] = provenance(dataclasses.replace(cfg, eval=eval_cfg), source, tokenizer, files,
+                                          split=cfg.data.test, instructions="adapter")
     return result
 
 

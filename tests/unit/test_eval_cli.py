@@ -52,6 +52,10 @@ def test_a_model_without_an_adapter(tiny_run_dir, tmp_path, capsys):
     assert written["label"] == "model" and written["model"] == str(base) and written["n"] == 6
     assert written["provenance"]["adapter"] is None and written["provenance"]["instructions"] == "adapter"
     assert "model: exact match" in capsys.readouterr().out
+    # The provenance states the examples this result was scored on, as asked on the command line.
+    assert main(["eval", str(tiny_run_dir), "--model", str(base), "--max-examples", "3"]) == 0
+    written = json.loads((tiny_run_dir / f"eval_model_{base.name}-{digest}.json").read_text())
+    assert written["n"] == 3 and written["provenance"]["generation"]["max_examples"] == 3
 
 
 @pytest.mark.parametrize("argv, message", [
