@@ -62,7 +62,7 @@ def test_a_candidate_on_another_data_version_is_refused_before_anything_runs(stu
 @pytest.mark.parametrize("old,new,expected", [
     ("  few_shot: 2\n", "  few_shot: 500\n", "evaluation.few_shot=500 asks for more worked examples than the 96"),
     ("budget: {max_steps: 8}", "budget: {max_step: 8}", ":12: unknown budget key(s) max_step; allowed: max_steps"),
-    ("  latency_tokens: 8\n", "  latency_tokens: 1\n", "evaluation.latency_tokens=1"),
+    ("  latency_tokens: 32\n", "  latency_tokens: 1\n", "evaluation.latency_tokens=1"),
     ("    suites: [tiny_upper]\n", "    suites: [safety]\n", "requires suite(s) safety that evaluation.suites does not run"),
     ("    prefer: cost\n", "    prefer: speed\n", "prefer='speed'; allowed: cost, quality"),
     ("  - {name: lora, recipe: recipes/tiny_llama_lora_cpu.yaml}\n",
