@@ -137,6 +137,26 @@ def _nproc(cfg) -> int:
     return p.tensor * p.pipeline * p.context
 
 
+def check_out_dir(out_dir: Path, name: str) -> None:
+    """Refuse an output directory that is not this study's: a file, or a non-empty directory without the state of a
+    study of this name (another study's output, or anything else) — before any work.
+
+    Raises:
+        ConfigError: naming the directory and what it holds.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is a file; the study writes a directory there")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    state = _read_json(out_dir / STATE)
+    if state is None:
+        raise ConfigError(f"--out {str(out_dir)!r} is not empty and holds no study (no {STATE}); choose an empty "
+                          "or new directory")
+    if state.get("study") not in (None, name):
+        raise ConfigError(f"--out {str(out_dir)!r} holds study {state['study']!r}, not {name!r}; choose another "
+                          "directory")
+
+
 def finished_run(run_dir: Path) -> dict | None:
     """results.json of a run that trained to its last step and evaluated, else None."""
     res = _read_json(run_dir / "results.json")
@@ -180,7 +200,9 @@ def train_candidate(c: Candidate, recipe: Path, overrides: list[str], cfg, run_d
     with log.open("a", encoding="utf-8") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        # Its own session: a terminal's Ctrl-C reaches this process only, which then asks the run to stop the
+        # way a scheduler does (SIGTERM: it checkpoints), instead of killing it mid-step.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait()
         except BaseException:
@@ -212,7 +234,7 @@ def _eval_key(study: Study, c: Candidate, weights: Path | None, max_examples: in
     ev = study.evaluation
     parts = {
         "weights": _file_sha(weights) if weights is not None and weights.is_file() else str(weights),
-        "test": study.dataset.sha256["test"],
+        "dataset": study.dataset.sha256,  # the test split, and the train split the k-shot examples come from
         "suites": [_file_sha(Path(s)) for s in ev.suites],
         "forgetting": _file_sha(Path(ev.forgetting)) if ev.forgetting else None,
         "latency_tokens": ev.latency_tokens, "few_shot": ev.few_shot if c.baseline else None,
@@ -542,9 +564,10 @@ COLUMNS = [
     ("train wall", "wall time of `nemo-adapt run` on this machine (start-up, training, its own evaluation)"),
     ("GPU-h (target)", "the planner's step time on the study's target cluster x steps x GPUs"),
     ("forgetting", "general-text loss change against the base, nats/token [95% CI]"),
-    ("suites", "regression suites passed/checked (cases the base fails are not checked)"),
+    ("suites", "regression suites passed/checked (a suite with only_where_base_passes checks only the cases the "
+               "base passes)"),
     ("TTFT", "time to first token, batch 1, ms"),
-    ("decode b1 / bN", "decode tokens/s at batch 1 and the larger batch"),
+    ("decode b1 / bN", "decode tokens/s at batch 1 and at batch 8"),
     ("overhead", "decode time per token against the base, unmerged / merged (prompting: the base itself)"),
     ("context", "tokens attended per prompt: the prompt plus virtual tokens and prefixes (the baseline's shots)"),
 ]
@@ -593,7 +616,8 @@ def report_markdown(matrix: dict) -> str:
         out.write("\n\n## Scenarios\n\n")
         for s in matrix["scenarios"]:
             sc = s["scenario"]
-            gates = [f"{k}={v}" for k, v in sc.items() if k not in ("name", "description", "prefer") and v not in (None, ())]
+            gates = [f"{k}=[{', '.join(v)}]" if isinstance(v, list | tuple) else f"{k}={v}" for k, v in sc.items()
+                     if k not in ("name", "description", "prefer") and v not in (None, (), [])]
             out.write(f"**{sc['name']}** ({sc['description'] or 'no description'}; {', '.join(gates)}; prefer "
                       f"{sc['prefer']}): ")
             out.write(f"**{s['recommendation']}** — {s['why']}.\n" if s["recommendation"] else f"none — {s['why']}.\n")
@@ -627,11 +651,13 @@ def report_html(matrix: dict) -> str:
 
     def scatter(xkey: str, xlabel: str, log: bool) -> str:
         fig, ax = plt.subplots(figsize=(6, 4))
+        positive = [r[xkey] for r in rows if (r.get(xkey) or 0) > 0]
+        floor = min(positive) / 10 if positive else 1.0  # where a zero (prompting) goes on a log axis
         for r in rows:
             x = r.get(xkey)
             if x is None:
                 continue
-            x = max(x, 1e-3 if xkey == "gpu_hours" else 1) if log else x
+            x = x if x > 0 or not log else floor
             s = r["score"]
             err = [[s["value"] - s.get("low", s["value"])], [s.get("high", s["value"]) - s["value"]]]
             ax.errorbar([x], [s["value"]], yerr=err, fmt="o", capsize=3)
@@ -645,10 +671,10 @@ def report_html(matrix: dict) -> str:
         plt.close(fig)
         return svg
 
-    plots.append(("Quality vs trainable parameters", scatter("trainable_params", "trainable parameters (prompting "
-                                                            "plotted at 1)", True)))
-    plots.append(("Quality vs training cost", scatter("gpu_hours", "GPU-hours on the target cluster (prompting "
-                                                     "plotted at 0.001)", True)))
+    plots.append(("Quality vs trainable parameters", scatter("trainable_params", "trainable parameters (prompting: "
+                                                            "none, plotted a decade left of the fewest)", True)))
+    plots.append(("Quality vs training cost", scatter("gpu_hours", "GPU-hours on the target cluster (prompting: "
+                                                     "none, plotted a decade left of the least)", True)))
     fig, ax = plt.subplots(figsize=(6, 4))
     names = [r["name"] for r in rows]
     ax.bar(names, [100 * (r.get("latency_overhead") or 0) for r in rows], label="unmerged")
@@ -758,11 +784,12 @@ def compare(study_path: str | Path, out: str | Path | None = None, max_examples:
         except (KeyError, ConfigError) as err:
             raise ConfigError(f"{study.path}: target.gpu={study.target.gpu!r}: {err}") from None
     out_dir = Path(out) if out is not None else Path("runs") / "studies" / study.name
+    check_out_dir(out_dir, study.name)
     with tempfile.TemporaryDirectory() as tmp:  # every recipe loads and uses the dataset version
         checked = check_candidates(study, Path(tmp))
     out_dir.mkdir(parents=True, exist_ok=True)
     state = StudyState.open(out_dir / STATE)
-    state.data["study_sha256"] = study.sha256
+    state.data.update(study=study.name, study_sha256=study.sha256)
     configs = {}
     from nemo_adapt.config import load_recipe
 
@@ -824,7 +851,12 @@ def register(sub) -> None:
     def run(args) -> int:
         if args.max_examples is not None and args.max_examples < 1:
             raise ConfigError(f"--max-examples {args.max_examples}: must be 1 or more")
-        matrix = compare(args.study, args.out, args.max_examples)
+        try:
+            matrix = compare(args.study, args.out, args.max_examples)
+        except KeyboardInterrupt:
+            print("nemo-adapt compare: interrupted; the running candidate was asked to checkpoint — rerun the same "
+                  "command to continue", file=sys.stderr, flush=True)
+            return 130
         print(report_markdown(matrix).split("\n## Columns")[0], flush=True)
         out = Path(matrix["out_dir"])
         print(f"written {out / 'report.md'}, {out / 'report.html'}, {out / 'matrix.json'}", flush=True)

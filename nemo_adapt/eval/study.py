@@ -57,7 +57,9 @@ from nemo_adapt.errors import ConfigError
 SPLITS = ("train", "validation", "test")
 RISKS = ("low", "regulated", "high")
 PREFER = ("cost", "quality")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# A candidate's directory sits beside these in the study's output directory.
+RESERVED = ("logs", "recipes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +217,8 @@ def _number(value, key: str, where: str, *, low: float | None = None, integer: b
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ConfigError(f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{where}: {key}={value!r} must be a finite number")
     if low is not None and value < low:
         raise ConfigError(f"{where}: {key}={value!r} must be >= {low}")
     return value
@@ -287,7 +291,7 @@ def load_study(path: str | Path) -> Study:
 
     name = top.get("name", path.stem)
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"{path}:1: name={name!r} must be letters, digits, '_', '-' or '.'")
+        raise ConfigError(f"{path}:1: name={name!r} must be ASCII letters, digits, '_' or '-'")
 
     raw_ds = top.get("dataset")
     if raw_ds is None:
@@ -339,8 +343,9 @@ def load_study(path: str | Path) -> Study:
         c = _keys(raw, {"name", "recipe", "baseline", "peft", "overrides"}, at(raw), "candidate")
         w = at(raw)
         cname = c.get("name")
-        if not isinstance(cname, str) or not _NAME.match(cname):
-            raise ConfigError(f"{w}: candidate name={cname!r} must be letters, digits, '_', '-' or '.'")
+        if not isinstance(cname, str) or not _NAME.match(cname) or cname in RESERVED:
+            raise ConfigError(f"{w}: candidate name={cname!r} must be ASCII letters, digits, '_' or '-', and not "
+                              f"{' or '.join(RESERVED)} (the study's own directories)")
         if cname in seen:
             raise ConfigError(f"{w}: candidate name {cname!r} is used twice")
         seen.add(cname)
@@ -360,21 +365,41 @@ def load_study(path: str | Path) -> Study:
             if not isinstance(peft, dict) or not isinstance(peft.get("method"), str):
                 raise ConfigError(f"{w}: candidate {cname!r}: peft must be a mapping with `method`, got {peft!r}")
             peft = {k: v for k, v in peft.items() if k != "__line__"}
-        candidates.append(Candidate(cname, recipe, raw.get("__line__", 1), is_baseline, peft,
-                                    _strings(c.get("overrides"), f"candidate {cname!r} overrides", w)))
+        own = _strings(c.get("overrides"), f"candidate {cname!r} overrides", w)
+        if max_steps is not None and any(o.split("=", 1)[0].strip() == "run.max_steps" for o in own):
+            raise ConfigError(f"{w}: candidate {cname!r} sets run.max_steps, but the study's budget.max_steps="
+                              f"{max_steps} is the same for every trained candidate; drop one of them")
+        candidates.append(Candidate(cname, recipe, raw.get("__line__", 1), is_baseline, peft, own))
     if all(c.baseline for c in candidates):
         raise ConfigError(f"{path}:1: every candidate is a baseline; a study compares at least one trained candidate")
     if sum(c.baseline for c in candidates) > 1:
-        raise ConfigError(f"{path}:1: more than one baseline candidate; one scores zero-shot and "
-                          "evaluation.few_shot-shot prompting")
+        raise ConfigError(f"{path}:1: more than one baseline candidate; the one baseline scores both zero-shot "
+                          "and k-shot prompting (k = evaluation.few_shot)")
 
-    suite_names = {_suite_name(s) for s in evaluation.suites}
-    scenarios = []
+    suite_names: dict[str, str] = {}
+    for s in evaluation.suites:
+        sname = _suite_name(s)
+        if sname in suite_names:
+            raise ConfigError(f"{at(raw_ev)}: evaluation.suites: {suite_names[sname]} and {s} are both named "
+                              f"{sname!r}; a scenario names suites by name, so give one another `name:`")
+        suite_names[sname] = s
+    has_baseline = any(c.baseline for c in candidates)
+    scenarios, seen_scenarios = [], set()
     for raw in top.get("scenarios") or []:
         s = _keys(raw, {f.name for f in dataclasses.fields(Scenario)}, at(raw), "scenario")
         w = at(raw)
         if not isinstance(s.get("name"), str) or not s["name"]:
             raise ConfigError(f"{w}: a scenario needs a `name`")
+        if s["name"] in seen_scenarios:
+            raise ConfigError(f"{w}: scenario name {s['name']!r} is used twice")
+        seen_scenarios.add(s["name"])
+        if s.get("min_gain") is not None and not has_baseline:
+            raise ConfigError(f"{w}: scenario {s['name']!r} sets min_gain (over the prompt-only baseline), but no "
+                              "candidate is the baseline (`baseline: true`)")
+        for key in ("min_quality", "min_gain"):
+            v = s.get(key)
+            if isinstance(v, int | float) and not isinstance(v, bool) and v == v and not -1 <= v <= 1:
+                raise ConfigError(f"{w}: scenario {s['name']!r}: {key}={v!r}; task metrics lie in [0, 1]")
         risk = s.get("risk", "low")
         if risk not in RISKS:
             raise ConfigError(f"{w}: scenario {s['name']!r}: risk={risk!r}; allowed: {', '.join(RISKS)}")
@@ -472,6 +497,14 @@ def check_candidates(study: Study, recipe_dir: Path) -> dict[str, Any]:
                     "every candidate must train and be tested on the same data version")
         if not cfg.data.test:
             raise ConfigError(f"{where}: data.test is not set")
+        if c is study.candidates[0]:  # the test split every candidate is scored on must read, before any training
+            from nemo_adapt.data.formats import DataError, load_records
+
+            try:
+                load_records(cfg.data.test, cfg.data.format, cfg.data.on_bad_record, cfg.data.system_prompt,
+                             max_record_bytes=cfg.data.max_record_bytes, warn=False, key="data.test")
+            except DataError as err:
+                raise ConfigError(f"{where}: {err}") from None
         if c.baseline:
             from nemo_adapt.data.formats import load_records
             from nemo_adapt.eval.runner import baseline_shots

@@ -72,6 +72,13 @@ def test_a_candidate_on_another_data_version_is_refused_before_anything_runs(stu
      "recipe: recipes/tiny_llama_lora_cpu.yaml, peft: {method: lorax}", "candidate 'full': "),
     ("target: {gpu: h100-80gb,", "target: {gpu: h999,", "target.gpu='h999'"),
     ("dataset:\n", "dataset:\n  text: x.jsonl\n", "unknown dataset key(s) text"),
+    ("  - {name: lora, recipe:", "  - {name: logs, recipe:", "candidate name='logs' must be"),
+    ("  - {name: lora, recipe: recipes/tiny_llama_lora_cpu.yaml}",
+     "  - {name: lora, recipe: recipes/tiny_llama_lora_cpu.yaml, overrides: [run.max_steps=3]}",
+     "sets run.max_steps, but the study's budget.max_steps=8"),
+    ("  - name: many_variants\n", "  - name: one_variant\n", "scenario name 'one_variant' is used twice"),
+    ("    min_gain: 0.0\n", "    min_gain: 0.0\n    min_quality: 1.5\n", "min_quality=1.5; task metrics lie in [0, 1]"),
+    ("    min_gain: 0.0\n", "    min_gain: .nan\n", "min_gain=nan must be a finite number"),
     ("    min_gain: 0.0\n", "    min_gain: [1]\n", "min_gain must be a number"),
     ("    variants: 16\n", "    variants: 16\n    variants: 4\n", "key 'variants' is given twice"),
 ])
@@ -148,3 +155,26 @@ def test_many_variants_serve_unmerged_and_budget_counts_every_variant():
 def test_no_candidate_meeting_the_gates_says_so():
     out = judge(Scenario("impossible", min_quality=0.99), ROWS)
     assert out["recommendation"] is None and all(not v["pass"] for v in out["verdicts"].values())
+
+
+def test_an_output_directory_of_another_kind_is_refused_before_any_work(study_dir):
+    study = study_dir / "recipes/studies/tiny_cpu.yaml"
+    (study_dir / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file; the study writes a directory there"):
+        compare(study, study_dir / "afile")
+    (study_dir / "notes").mkdir()
+    (study_dir / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="is not empty and holds no study"):
+        compare(study, study_dir / "notes")
+    (study_dir / "other").mkdir()
+    (study_dir / "other" / "study_state.json").write_text('{"study": "triage", "candidates": {}}')
+    with pytest.raises(ConfigError, match="holds study 'triage', not 'tiny_cpu'"):
+        compare(study, study_dir / "other")
+    assert sorted(p.name for p in (study_dir / "notes").iterdir()) == ["todo.txt"]
+
+
+def test_an_empty_test_split_is_refused_before_training(study_dir):
+    (study_dir / "datasets/tiny_upper/test.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="test.jsonl"):  # the study's own hash check reads it first
+        compare(study_dir / "recipes/studies/tiny_cpu.yaml", study_dir / "out")
+    assert not (study_dir / "out").exists()
