@@ -189,24 +189,30 @@ def _scan_adapter_dir(path: Path, prefix: str) -> tuple[dict[str, Path], dict, d
     from nemo_adapt.artifacts.adapter import open_adapter
 
     files = open_adapter(path)  # refuses what is not an adapter (no weights, a pickle, unknown method) clearly
+    _check_safetensors(files.path / "adapter_model.safetensors")  # open_adapter reads JSON only
     return _walk(path, prefix), {"kind": "adapter", "dir": prefix, "format": files.format, "method": files.method}, \
         files.description
 
 
-def _scan_model_dir(path: Path, prefix: str) -> tuple[dict[str, Path], dict]:
-    """(files, artifact description) of a Hugging Face model directory (config.json + readable safetensors)."""
+def _check_safetensors(w: Path) -> None:
+    """Refuse a weights file whose safetensors header cannot be read (junk, truncated, another format)."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(w), framework="numpy") as f:  # reads the header only
+            f.keys()
+    except Exception as err:  # safetensors raises its own error types for a bad header
+        raise ConfigError(f"{str(w)!r} is not a readable safetensors file: {err}") from None
+
+
+def _scan_model_dir(path: Path, prefix: str) -> tuple[dict[str, Path], dict]:
+    """(files, artifact description) of a Hugging Face model directory (config.json + readable safetensors)."""
     weights = sorted(path.glob("*.safetensors"))
     if not (path / "config.json").is_file() or not weights:
         raise ConfigError(f"{str(path)!r} is not a Hugging Face model directory: it needs config.json and "
                           f"*.safetensors weights (found {', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'})")
     for w in weights:
-        try:
-            with safe_open(str(w), framework="numpy") as f:  # reads the header only
-                f.keys()
-        except Exception as err:  # safetensors raises its own error types for a bad header
-            raise ConfigError(f"{str(w)!r} is not a readable safetensors file: {err}") from None
+        _check_safetensors(w)
     config = _read_json(path / "config.json", "model config")
     return _walk(path, prefix), {"kind": "model", "dir": prefix, "format": "hf",
                                  "architecture": (config.get("architectures") or [None])[0]}
