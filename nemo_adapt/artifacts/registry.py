@@ -228,7 +228,13 @@ def _dataset_meta(run: Path, results: dict) -> dict:
 
 
 def _scan_run(path: Path) -> Scanned:
-    recipe = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    try:
+        recipe = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path / 'config.yaml'}{where}: not valid YAML ({what})") from None
     if not isinstance(recipe, dict):
         raise ConfigError(f"{path / 'config.yaml'}: not a resolved recipe (expected a mapping)")
     if not (path / "results.json").is_file():
@@ -568,6 +574,10 @@ class Registry:
         """
         self.location = resolve_location(location)
         self.store: Store = open_store(self.location)
+        root = getattr(self.store, "root", None)
+        if isinstance(root, Path) and root.exists() and not root.is_dir():
+            raise ConfigError(f"registry {self.store.url} is a file, not a directory: name a directory "
+                              f"(--registry or ${ENV})")
         # Manifests and audit entries never change once written: each is read once per Registry (on an object
         # store every read is a request). Listings are not cached: other writers add to them.
         self._manifests: dict[tuple[str, str], Version] = {}
@@ -599,14 +609,37 @@ class Registry:
         version = self._manifests[(name, vid)] = Version(name, vid, manifest)
         return version
 
-    def audit(self) -> list[dict]:
-        """Every audit entry, in order."""
-        out = []
+    def _audit_files(self) -> list[tuple[str, dict | str]]:
+        """(file name, entry) for every audit file in order; the entry is an error message when it is unreadable."""
+        out: list[tuple[str, dict | str]] = []
         for entry in self.store.listdir("audit"):
             if re.fullmatch(r"\d{8}\.json", entry):
                 if entry not in self._entries:
-                    self._entries[entry] = json.loads(self.store.read(f"audit/{entry}"))
-                out.append(self._entries[entry])
+                    try:
+                        data = json.loads(self.store.read(f"audit/{entry}"))
+                    except (ValueError, UnicodeDecodeError) as err:
+                        out.append((entry, f"unreadable JSON ({err})"))
+                        continue
+                    if not isinstance(data, dict) or not isinstance(data.get("seq"), int) or \
+                            not {"name", "alias", "action"} <= set(data):
+                        out.append((entry, "not an audit entry (expected a JSON object with seq, name, alias, action)"))
+                        continue
+                    self._entries[entry] = data
+                out.append((entry, self._entries[entry]))
+        return out
+
+    def audit(self) -> list[dict]:
+        """Every audit entry, in order.
+
+        Raises:
+            ConfigError: an audit entry is damaged (named; `nemo-adapt registry verify` lists every problem).
+        """
+        out = []
+        for entry, e in self._audit_files():
+            if isinstance(e, str):
+                raise ConfigError(f"{self.store.url}/audit/{entry}: {e}; the audit log is damaged (run `nemo-adapt "
+                                  "registry verify`)")
+            out.append(e)
         return sorted(out, key=lambda e: e["seq"])
 
     @staticmethod
@@ -858,17 +891,35 @@ class Registry:
             with its version and path; a manifest whose id is not its content's; an audit entry out of sequence or
             whose `from` is not where its alias stood).
         """
-        versions = [self.resolve(ref)] if ref else [v for n in self.names() for v in self.versions(n)]
         problems: list[str] = []
+        if ref:
+            versions = [self.resolve(ref)]
+        else:  # one damaged manifest is reported and the rest still checked
+            versions = []
+            for n in self.names():
+                for entry in self.store.listdir(f"versions/{n}"):
+                    if entry.endswith(".json") and re.fullmatch(r"[0-9a-f]{64}", entry[:-5]):
+                        try:
+                            v = self._load(n, entry[:-5])
+                        except ConfigError as err:
+                            problems.append(str(err).split("; run `")[0])
+                            continue
+                        if not isinstance(v.manifest, dict) or not isinstance(v.manifest.get("files"), dict):
+                            problems.append(f"{self.store.url}/versions/{n}/{entry}: not a manifest (no files)")
+                            continue
+                        versions.append(v)
         hashed: dict[str, str | None] = {}  # sha256 -> problem (None: intact); a shared object is read once
         for v in versions:
             m = v.manifest
             if m.get("id") != v.id or version_id(m.get("kind"), m.get("files") or {}) != v.id:
                 problems.append(f"{v.ref}: manifest does not match its id (edited or damaged)")
             for rel, f in sorted((m.get("files") or {}).items()):
+                if not isinstance(f, dict) or not isinstance(f.get("sha256"), str):
+                    problems.append(f"{v.ref}: {rel} has no sha256 in the manifest (edited or damaged)")
+                    continue
                 sha = f["sha256"]
                 if sha not in hashed:
-                    hashed[sha] = self._check_object(sha, f["size"])
+                    hashed[sha] = self._check_object(sha, int(f.get("size") or 0))
                 if hashed[sha]:
                     problems.append(f"{v.ref}: {rel} {hashed[sha]}")
         notes = []
@@ -905,7 +956,10 @@ class Registry:
 
     def _check_audit(self, known: dict[str, set[str]]) -> list[str]:
         problems, stacks = [], {}
-        for i, e in enumerate(self.audit(), 1):
+        for i, (fname, e) in enumerate(self._audit_files(), 1):
+            if isinstance(e, str):
+                problems.append(f"audit entry {fname}: {e}")
+                continue
             if e.get("seq") != i:
                 problems.append(f"audit entry {i}: sequence number {e.get('seq')} (entries missing or duplicated)")
                 break

@@ -25,9 +25,14 @@ the filesystem's package (s3fs: pip install 'nemo-adapt[s3]'). See docs/registry
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
+import os
 import sys
 from datetime import datetime
+
+from nemo_adapt.errors import ConfigError
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -69,6 +74,54 @@ def _describe(manifest: dict) -> str:
 
 def _short(vid: str | None) -> str:
     return vid[:12] if vid else "(none)"
+
+
+def _under(path: str | None, root: str) -> bool:
+    if not path or "://" in root:
+        return False
+    try:
+        return os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) == os.path.abspath(root)
+    except ValueError:
+        return False
+
+
+def _guarded(func):
+    """A verb whose environment fails (a read-only registry, missing S3 credentials, a closed pipe) says so in one
+    line (exit 2) instead of a traceback."""
+
+    @functools.wraps(func)
+    def run(args) -> int:
+        from nemo_adapt.artifacts.registry import ENV, resolve_location
+
+        location = resolve_location(args.registry)
+        root = location[len("file://"):] if location.startswith("file://") else location
+        try:
+            return func(args)
+        except BrokenPipeError:  # `registry list | head -1`: the reader has gone; nothing left to say
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+            except (OSError, ValueError, AttributeError):
+                pass
+            return 0
+        except OSError as err:
+            if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and (
+                    _under(err.filename, root) or _under(getattr(err, "filename2", None), root)):
+                raise ConfigError(f"registry {location} is not writable ({err.strerror}: {err.filename}); name a "
+                                  f"registry you can write to (--registry or ${ENV}) or ask its owner") from None
+            if isinstance(err, NotADirectoryError) and _under(err.filename, root):
+                raise ConfigError(f"registry {location}: {err.filename} is not a directory (the registry's layout "
+                                  "is damaged, or the location is not a registry)") from None
+            raise
+        except Exception as err:
+            if any(c.__name__ in ("NoCredentialsError", "PartialCredentialsError") for c in type(err).__mro__):
+                raise ConfigError(f"registry {location}: no credentials for the object store ({err}); fsspec's s3fs "
+                                  "finds them as boto does: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with "
+                                  "AWS_ENDPOINT_URL for a non-AWS store), AWS_PROFILE, ~/.aws/credentials, or an "
+                                  "instance role") from None
+            raise
+
+    return run
 
 
 def _registry(args):
@@ -299,7 +352,7 @@ def register(sub) -> None:
 
     def verb(name: str, func, help: str) -> argparse.ArgumentParser:
         v = verbs.add_parser(name, parents=[common], help=help, description=help)
-        v.set_defaults(func=func)
+        v.set_defaults(func=_guarded(func))
         return v
 
     a = verb("add", cmd_add, "register a run, adapter, merged model or Hugging Face model directory")

@@ -4,6 +4,7 @@ typos and alias suggestions."""
 
 from __future__ import annotations
 
+import errno
 import re
 from types import SimpleNamespace
 
@@ -45,3 +46,69 @@ def test_a_junk_adapter_is_refused_before_anything_is_stored(env, capsys):
     (env.run_a / "adapter" / "adapter_model.safetensors").write_text("garbage\n")  # inside a run too
     code, _, err = cli(capsys, "add", str(env.run_a))
     assert code == 2 and "not a readable safetensors file" in err and not env.reg.exists()
+
+
+def test_a_registry_that_is_a_file_or_read_only_is_one_line(env, capsys, monkeypatch):
+    afile = env.tmp / "afile"
+    afile.write_text("x")
+    for verb in (["list"], ["add", str(env.run_a)], ["verify"]):
+        code, _, err = cli(capsys, *verb, "--registry", str(afile))
+        assert code == 2 and "is a file, not a directory" in err and len(err.strip().splitlines()) == 1
+
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(env.reg / "tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    code, _, err = cli(capsys, "add", str(env.run_a))
+    assert code == 2 and f"registry {env.reg} is not writable (Read-only file system" in err
+
+
+def test_damaged_audit_entries_and_manifests(env, capsys):
+    vid = added_id(cli(capsys, "add", str(env.run_a))[1])
+    for _ in range(3):
+        cli(capsys, "promote", f"triage:{vid}", "--to", "staging", "--gates", str(env.gates))
+    cli(capsys, "rollback", "triage:staging")
+    cli(capsys, "promote", f"triage:{vid}", "--to", "production", "--gates", str(env.gates))
+    audit = sorted((env.reg / "audit").iterdir())
+    assert len(audit) >= 3
+    audit[1].write_text("nope\n")
+    for verb in ("log", "list"):
+        code, _, err = cli(capsys, verb)
+        assert code == 2 and f"audit/{audit[1].name}: unreadable JSON" in err and len(err.strip().splitlines()) == 1
+    other = write_run(env.tmp / "runs" / "other", env.test, seed=3)
+    cli(capsys, "add", str(other))
+    manifest = next(p for p in (env.reg / "versions" / "other").iterdir())
+    manifest.write_text("{broken")
+    code, out, _ = cli(capsys, "verify")
+    assert code == 1 and f"FAIL audit entry {audit[1].name}: unreadable JSON" in out
+    assert f"FAIL {env.reg}/versions/other/{manifest.name}: unreadable manifest" in out
+    assert "verified 1 version(s)" in out  # the intact one was still checked
+
+
+def test_an_unparseable_run_config_is_one_line_with_its_line(env, capsys):
+    (env.run_a / "config.yaml").write_text("model:\n  name: tiny\n peft: [\n")
+    code, _, err = cli(capsys, "add", str(env.run_a))
+    assert code == 2 and re.search(r"config\.yaml:\d+: not valid YAML", err) and len(err.strip().splitlines()) == 1
+
+
+def test_missing_s3_credentials_and_a_closed_pipe(env, capsys, monkeypatch):
+    from nemo_adapt.artifacts import registry
+
+    class NoCredentialsError(Exception):  # botocore's, by name (botocore may not be installed)
+        pass
+
+    def names(self):
+        raise NoCredentialsError("Unable to locate credentials")
+
+    monkeypatch.setattr(registry.Registry, "names", names)
+    code, _, err = cli(capsys, "list")
+    assert code == 2 and "no credentials for the object store" in err and "AWS_ACCESS_KEY_ID" in err
+
+    def pipe(self):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(registry.Registry, "names", pipe)
+    code, out, err = cli(capsys, "list")
+    assert code == 0 and err == ""
