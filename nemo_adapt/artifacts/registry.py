@@ -585,6 +585,25 @@ class Registry:
 
     # ---- reading
 
+    def check_exists(self) -> None:
+        """For reading: refuse a location that is not a registry, so a typo is not read as an empty registry.
+
+        An empty (or, on an object store, absent) location is an empty registry.
+
+        Raises:
+            ConfigError: a local location that does not exist, or one that holds other files and none of a
+                registry's own (versions/, objects/, audit/).
+        """
+        root = getattr(self.store, "root", None)
+        if isinstance(root, Path) and not root.exists():
+            raise ConfigError(f"no registry at {self.store.url}: it does not exist (registries are made by "
+                              f"`nemo-adapt registry add`; name one with --registry or ${ENV})")
+        entries = set(self.store.listdir(""))
+        if entries and not entries & {"versions", "objects", "audit"}:
+            shown = ", ".join(sorted(entries)[:8])
+            raise ConfigError(f"no registry at {self.store.url}: it holds {shown}{', ...' if len(entries) > 8 else ''} "
+                              f"but no versions/, objects/ or audit/ (name the registry with --registry or ${ENV})")
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return [n for n in self.store.listdir("versions") if _NAME.match(n)]

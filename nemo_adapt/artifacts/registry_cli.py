@@ -124,14 +124,18 @@ def _guarded(func):
     return run
 
 
-def _registry(args):
+def _registry(args, read: bool = True):
+    """The registry `args` names; for a verb that only reads, one that exists (a typo is not an empty registry)."""
     from nemo_adapt.artifacts.registry import Registry
 
-    return Registry(args.registry)
+    reg = Registry(args.registry)
+    if read:
+        reg.check_exists()
+    return reg
 
 
 def cmd_add(args) -> int:
-    reg = _registry(args)
+    reg = _registry(args, read=False)
     res = reg.add(args.path, name=args.name, eval_file=args.eval, baseline_file=args.baseline, scenario=args.scenario)
     v, m = res.version, res.version.manifest
     if res.created:

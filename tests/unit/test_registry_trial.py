@@ -102,6 +102,7 @@ def test_missing_s3_credentials_and_a_closed_pipe(env, capsys, monkeypatch):
     def names(self):
         raise NoCredentialsError("Unable to locate credentials")
 
+    env.reg.mkdir()
     monkeypatch.setattr(registry.Registry, "names", names)
     code, _, err = cli(capsys, "list")
     assert code == 2 and "no credentials for the object store" in err and "AWS_ACCESS_KEY_ID" in err
@@ -112,3 +113,16 @@ def test_missing_s3_credentials_and_a_closed_pipe(env, capsys, monkeypatch):
     monkeypatch.setattr(registry.Registry, "names", pipe)
     code, out, err = cli(capsys, "list")
     assert code == 0 and err == ""
+
+
+def test_a_location_that_is_not_a_registry_is_not_an_empty_one(env, capsys):
+    for verb in (["verify"], ["list"], ["log"], ["show", "triage"]):
+        code, out, err = cli(capsys, *verb, "--registry", str(env.tmp / "typo"))
+        assert code == 2 and f"no registry at {env.tmp / 'typo'}: it does not exist" in err and "OK" not in out
+    code, _, err = cli(capsys, "verify", "--registry", str(env.tmp / "runs"))  # a directory of other things
+    assert code == 2 and f"no registry at {env.tmp / 'runs'}: it holds triage" in err
+    (env.tmp / "fresh").mkdir()
+    code, out, _ = cli(capsys, "list", "--registry", str(env.tmp / "fresh"))
+    assert code == 0 and "is empty" in out
+    assert cli(capsys, "add", str(env.run_a))[0] == 0  # add makes a registry where there was none
+    assert cli(capsys, "verify")[0] == 0
