@@ -37,6 +37,7 @@ import getpass
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -84,11 +85,15 @@ def resolve_location(flag: str | None = None) -> str:
 
 
 def who() -> str:
-    """`user@host` of this process, for manifests and the audit log."""
+    """`user@host` of this process, for manifests and the audit log.
+
+    The user is the process's effective uid as the password database names it, not $USER or $LOGNAME (which
+    `getpass.getuser()` reads first, and anyone can set): the audit log says who moved an alias.
+    """
     try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # a container user without a passwd entry
-        user = f"uid{os.getuid()}"
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except (KeyError, OSError, AttributeError):  # a container user without a passwd entry; no pwd module
+        user = f"uid{os.geteuid()}" if hasattr(os, "geteuid") else getpass.getuser()
     return f"{user}@{socket.gethostname()}"
 
 

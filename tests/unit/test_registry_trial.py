@@ -126,3 +126,21 @@ def test_a_location_that_is_not_a_registry_is_not_an_empty_one(env, capsys):
     assert code == 0 and "is empty" in out
     assert cli(capsys, "add", str(env.run_a))[0] == 0  # add makes a registry where there was none
     assert cli(capsys, "verify")[0] == 0
+
+
+def test_who_is_the_process_user_not_the_environment(monkeypatch):
+    import os
+    import pwd
+    import socket
+
+    from nemo_adapt.artifacts.registry import who
+
+    monkeypatch.setenv("USER", "mallory")
+    monkeypatch.setenv("LOGNAME", "mallory")
+    assert who() == f"{pwd.getpwuid(os.geteuid()).pw_name}@{socket.gethostname()}"
+
+    def no_entry(uid):
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert who() == f"uid{os.geteuid()}@{socket.gethostname()}"
