@@ -439,7 +439,8 @@ def check_gates(gates: Gates, ev: Evidence) -> list[GateResult]:
 
     Raises:
         ConfigError: a gate names a field (`field_accuracy.<field>`) this evaluation does not have (file:line and
-            the fields it has).
+            the fields it has), or a suite close to one the evaluation ran but not among them (a typo; file:line
+            and the suites recorded). A suite far from every recorded one is a failed gate ("not run").
     """
     out = []
     result = ev.result or {}
@@ -455,6 +456,10 @@ def check_gates(gates: Gates, ev: Evidence) -> list[GateResult]:
         elif g.kind == "suites":
             for name in g.suites:
                 s = suites.get(name)
+                close = difflib.get_close_matches(name, list(suites), n=1, cutoff=0.6) if s is None else []
+                if close:  # a typo, not a suite that was left out: judging it "not run" would refuse for nothing
+                    raise ConfigError(f"{where}: suite {name!r} is not in this evaluation; did you mean {close[0]!r}? "
+                                      f"(suites recorded: {', '.join(suites)})")
                 value = "not run" if s is None else f"{s.get('passed')}/{s.get('checked')} passed"
                 out.append(GateResult(f"suite {name}", value, "pass", bool(s and s.get("pass")), g.line))
         else:

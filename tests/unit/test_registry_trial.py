@@ -144,3 +144,14 @@ def test_who_is_the_process_user_not_the_environment(monkeypatch):
 
     monkeypatch.setattr(pwd, "getpwuid", no_entry)
     assert who() == f"uid{os.geteuid()}@{socket.gethostname()}"
+
+
+def test_a_suite_name_typo_in_a_gates_file_is_an_input_error(env, capsys):
+    vid = added_id(cli(capsys, "add", str(env.run_a))[1])  # its evaluation ran the suite "safety"
+    typo = write_gates(env.tmp, "gates:\n  - {metric: exact_match, min: 0.5}\n  - {suites: [safty]}\n", "typo.yaml")
+    code, _, err = cli(capsys, "promote", f"triage:{vid}", "--to", "staging", "--gates", str(typo))
+    assert code == 2 and f"{typo}:3: suite 'safty' is not in this evaluation; did you mean 'safety'?" in err
+    assert "suites recorded: safety" in err
+    other = write_gates(env.tmp, "gates:\n  - {suites: [general_knowledge]}\n", "other.yaml")
+    code, _, err = cli(capsys, "promote", f"triage:{vid}", "--to", "staging", "--gates", str(other))
+    assert code == 1 and "suite general_knowledge: not run, needs pass" in err  # a suite not run fails its gate
