@@ -717,10 +717,9 @@ class Registry:
         aliases = self.aliases().get(name, {})
         if what in aliases:
             return next(v for v in versions if v.id == aliases[what])
-        # Aliases named in the log but unset now (refused, rolled back) are suggestions too: a typo of `production`
-        # is likely before production was ever set.
-        logged = sorted({e["alias"] for e in self.audit() if e["name"] == name} - set(aliases))
-        choices = [*aliases, *logged, *(v.short for v in versions), "latest"]
+        # Only what would resolve is suggested: aliases that point somewhere now (not ones a refused promotion or a
+        # rollback left unset) and versions that exist.
+        choices = [*aliases, *(v.short for v in versions), "latest"]
         raise ConfigError(f"{name!r} has no version or alias {what!r}{_suggest(what, choices)} (aliases: "
                           f"{', '.join(f'{a} -> {i[:12]}' for a, i in aliases.items()) or 'none'}; versions: "
                           f"{', '.join(v.short for v in versions[-10:])})")

@@ -155,3 +155,17 @@ def test_a_suite_name_typo_in_a_gates_file_is_an_input_error(env, capsys):
     other = write_gates(env.tmp, "gates:\n  - {suites: [general_knowledge]}\n", "other.yaml")
     code, _, err = cli(capsys, "promote", f"triage:{vid}", "--to", "staging", "--gates", str(other))
     assert code == 1 and "suite general_knowledge: not run, needs pass" in err  # a suite not run fails its gate
+
+
+def test_suggestions_name_only_aliases_that_point_somewhere(env, capsys):
+    vid = added_id(cli(capsys, "add", str(env.run_a))[1])
+    strict = write_gates(env.tmp, "gates:\n  - {metric: exact_match, min: 0.99}\n", "strict.yaml")
+    assert cli(capsys, "promote", f"triage:{vid}", "--to", "production", "--gates", str(strict))[0] == 1  # refused
+    code, _, err = cli(capsys, "show", "triage:prodution")
+    assert code == 2 and "did you mean 'production'" not in err and "aliases: none" in err
+    cli(capsys, "promote", f"triage:{vid}", "--to", "production", "--gates", str(env.gates))
+    code, _, err = cli(capsys, "show", "triage:prodution")
+    assert code == 2 and "did you mean 'production'?" in err
+    cli(capsys, "rollback", "triage:production")
+    code, _, err = cli(capsys, "show", "triage:prodution")
+    assert code == 2 and "did you mean 'production'" not in err
