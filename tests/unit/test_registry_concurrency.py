@@ -103,7 +103,7 @@ def _add_killed_after(model: Path, reg: Path, stored: int) -> int:
 
 
 def test_sigkill_during_add_leaves_no_partial_version(tmp_path):
-    files = 150
+    files = 400  # margin: on a loaded machine the poller may wake late; the add must still be copying
     # Many files: the add spends its time copying them one by one (each fsynced), so the kills land mid-copy.
     model = write_merged(tmp_path / "merged", "validated", files=files, file_bytes=32 * 1024)
     reg = tmp_path / "reg"
