@@ -36,9 +36,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nemo_adapt.errors import ConfigError
+from nemo_adapt.yaml_lines import read_yaml
 
 TASK_METRICS = ("exact_match", "token_f1", "field_accuracy", "label_accuracy")
 """Task metrics of `eval.metrics` (`field_accuracy.<field>`, `label_accuracy.<field>` name one field)."""
@@ -141,21 +140,6 @@ class Evidence:
     """A merged model's merge_config.json `status`; None for anything else."""
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A SafeLoader keeping each mapping's line (1-based) under `__line__` and refusing a key given twice."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.value in seen:
-                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key_node.value!r} is given "
-                                  f"twice (also on line {seen[key_node.value]})")
-            seen[key_node.value] = key_node.start_mark.line + 1
-        mapping = super().construct_mapping(node, deep=deep)
-        mapping["__line__"] = node.start_mark.line + 1
-        return mapping
-
-
 def _valid_metric_names() -> str:
     return ", ".join([*METRICS, "field_accuracy.<field>", "label_accuracy.<field>"])
 
@@ -253,22 +237,7 @@ def load_gates(path: str | Path) -> Gates:
             message starts with `FILE:LINE`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"gates file {str(path)!r}: no such file")
-    data = path.read_bytes()
-    try:
-        loader = _LineLoader(data.decode("utf-8"))  # SafeLoader: plain data only
-        loader.name = str(path)
-        try:
-            doc = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
-                          f"({getattr(err, 'problem', None) or err})") from None
+    doc, data = read_yaml(path, "gates file")
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}:1: a gates file is a mapping with `gates:` (a list), got {type(doc).__name__}")
     unknown = sorted(set(doc) - {"name", "description", "gates", "__line__"}, key=str)

@@ -53,6 +53,7 @@ from typing import Any
 import yaml
 
 from nemo_adapt.errors import ConfigError
+from nemo_adapt.yaml_lines import read_yaml
 
 SPLITS = ("train", "validation", "test")
 RISKS = ("low", "regulated", "high")
@@ -186,22 +187,6 @@ class Study:
         return [*self.overrides, *budget, *c.overrides]
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A SafeLoader keeping each mapping's line (1-based) under `__line__`."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:  # YAML keeps the last of two equal keys; a study means one of them
-            key = key_node.value
-            if key in seen:
-                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} is given twice (also on "
-                                  f"line {seen[key]})")
-            seen[key] = key_node.start_mark.line + 1
-        mapping = super().construct_mapping(node, deep=deep)
-        mapping["__line__"] = node.start_mark.line + 1
-        return mapping
-
-
 def _keys(raw: Any, allowed: set[str], where: str, what: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {what} must be a mapping, got {raw!r}")
@@ -268,22 +253,7 @@ def load_study(path: str | Path) -> Study:
             message starts with `FILE:LINE`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study {str(path)!r}: no such file")
-    data = path.read_bytes()
-    try:
-        loader = _LineLoader(data.decode("utf-8"))  # SafeLoader: plain data only
-        loader.name = str(path)
-        try:
-            doc = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"study {path}: not UTF-8 text ({e})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    doc, data = read_yaml(path, "study")
     top = _keys(doc, {"name", "dataset", "overrides", "budget", "evaluation", "target", "candidates", "scenarios"},
                 f"{path}:1", "study")
     at = lambda raw: f"{path}:{raw.get('__line__', 1) if isinstance(raw, dict) else 1}"  # noqa: E731

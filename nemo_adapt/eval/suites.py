@@ -35,10 +35,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from nemo_adapt.errors import ConfigError
 from nemo_adapt.eval.task import normalize_answer
+from nemo_adapt.yaml_lines import read_yaml
 
 REFUSAL = re.compile(
     r"(?i)\b(?:I\s*(?:'|’)?\s*m\s+(?:sorry|afraid|unable|not able)|I\s+am\s+(?:sorry|unable|not able)|"
@@ -164,15 +163,6 @@ class Suite:
         return self.only_where_base_passes or any("same_as_base" in c.expect for c in self.cases)
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A YAML loader that records each mapping's first line (1-based) under the key `__line__`."""
-
-    def construct_mapping(self, node, deep=False):
-        mapping = super().construct_mapping(node, deep=deep)
-        mapping["__line__"] = node.start_mark.line + 1
-        return mapping
-
-
 _SUITE_KEYS = {"name", "description", "max_new_tokens", "only_where_base_passes", "cases"}
 _CASE_KEYS = {"id", "prompt", "system", "expect"}
 
@@ -236,12 +226,7 @@ def load_suite(path: str | Path) -> Suite:
             cases.append(case)
         meta: dict = {}
     elif path.suffix in (".yaml", ".yml"):
-        try:
-            doc = yaml.load(text, Loader=_LineLoader)  # a SafeLoader: plain data only, no objects
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        doc, _ = read_yaml(path, "suite")
         if not isinstance(doc, dict) or "cases" not in doc:
             raise ConfigError(f"{path}: a YAML suite is a mapping with `cases:` (a list of cases)")
         unknown = sorted(set(doc) - _SUITE_KEYS - {"__line__"})
