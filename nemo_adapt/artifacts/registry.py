@@ -133,15 +133,39 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def _refuse_link(path: Path, root: Path) -> None:
+    """A symbolic link inside an artifact may point only within it (or, for a Hugging Face hub-cache snapshot,
+    into that repository's `blobs/`, where the hub keeps the files): following a link elsewhere would store
+    whatever it points at (a host file, a secret) under the artifact's name.
+
+    Raises:
+        ConfigError: naming the link and its target.
+    """
+    if not path.is_symlink():
+        return
+    target, root = path.resolve(), root.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(a) for a in allowed):
+        raise ConfigError(f"{str(path)!r} is a symbolic link to {str(target)!r}, outside {str(root)!r}; the "
+                          "registry stores an artifact's own files — copy the file in, or remove the link")
+
+
 def _walk(root: Path, prefix: str) -> dict[str, Path]:
-    """Every regular file under `root` as {prefix/relative path: file}; hidden names (`.tmp-*`, `.git`) skipped."""
+    """Every regular file under `root` as {prefix/relative path: file}; hidden names (`.tmp-*`, `.git`) skipped.
+
+    Raises:
+        ConfigError: a symbolic link among them (`_refuse_link`).
+    """
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in dirnames:
+            _refuse_link(Path(dirpath) / d, root)
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             f = Path(dirpath) / name
+            _refuse_link(f, root)
             if f.is_file():
                 out[f"{prefix}/{f.relative_to(root).as_posix()}"] = f
     return out
@@ -258,6 +282,7 @@ def _scan_run(path: Path) -> Scanned:
             raise ConfigError(f"{str(path)!r} is a {method} run without adapter/ (written when training completes)")
         files, artifact, _ = _scan_adapter_dir(path / "adapter", "adapter")
     for name in RUN_FILES:
+        _refuse_link(path / name, path)
         if (path / name).is_file():
             files[name] = path / name
     model = recipe.get("model") or {}

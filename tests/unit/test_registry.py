@@ -282,3 +282,24 @@ def test_an_adapter_and_a_hugging_face_directory_are_versions_too(env, capsys):
     (hf / "model-00000.safetensors").write_bytes(b"not safetensors")
     code, _, err = cli(capsys, "add", str(hf), "--name", "broken")
     assert code == 2 and "is not a readable safetensors file" in err
+
+
+def test_a_symbolic_link_out_of_an_artifact_is_refused_and_nothing_is_stored(env, capsys):
+    secret = env.tmp / "host_secret.txt"
+    secret.write_text("token=do-not-store")
+    (env.run_a / "metrics.jsonl").unlink(missing_ok=True)
+    (env.run_a / "metrics.jsonl").symlink_to(secret)  # a run file pointing outside the run
+    code, _, err = cli(capsys, "add", str(env.run_a))
+    assert code == 2 and "metrics.jsonl' is a symbolic link to" in err and "host_secret.txt" in err
+    (env.run_a / "metrics.jsonl").unlink()
+    (env.run_a / "adapter" / "notes.txt").symlink_to(secret)  # and inside adapter/
+    code, _, err = cli(capsys, "add", str(env.run_a))
+    assert code == 2 and "notes.txt' is a symbolic link to" in err
+    stored = [p for p in env.reg.rglob("*") if p.is_file()] if env.reg.exists() else []
+    assert not any("do-not-store" in p.read_text(errors="replace") for p in stored)
+    # A link within the artifact (as Hugging Face hub snapshots hold) is its own file: stored.
+    (env.run_a / "adapter" / "notes.txt").unlink()
+    inside = next(p for p in (env.run_a / "adapter").iterdir() if p.suffix == ".json")
+    (env.run_a / "adapter" / "notes.txt").symlink_to(inside)
+    code, out, _ = cli(capsys, "add", str(env.run_a))
+    assert code == 0 and "added triage:" in out
