@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import yaml
 
 BASE_FP = "tiny_llama@0123456789abcdef"
@@ -149,3 +152,29 @@ def write_gates(directory: Path, text: str = GATES, name: str = "gates.yaml") ->
     path = directory / name
     path.write_text(text)
     return path
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A registry location in NEMO_ADAPT_REGISTRY, a test file, a finished run and a gates file; W&B offline."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("NEMO_ADAPT_REGISTRY", str(tmp_path / "reg"))
+    test = write_test_file(tmp_path / "data")
+    return SimpleNamespace(tmp=tmp_path, test=test, reg=tmp_path / "reg",
+                           run_a=write_run(tmp_path / "runs" / "triage", test, seed=0), gates=write_gates(tmp_path))
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`nemo-adapt registry ARGS` in-process: (exit code, stdout, stderr)."""
+    from nemo_adapt.cli import main
+
+    code = main(["registry", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def added_id(out: str) -> str:
+    """The version id `registry add` printed."""
+    return re.search(r":([0-9a-f]{12}) ", out).group(1)

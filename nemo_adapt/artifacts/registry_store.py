@@ -68,14 +68,26 @@ class Store(Protocol):
         """Every file under directory `rel`, recursively, as paths relative to `rel` (one listing on object stores)."""
 
     def put_object(self, src: Path, rel: str, sha256: str) -> bool:
-        """Store file `src` at `rel` unless something is there already; returns whether it wrote.
-
-        Raises:
-            ConfigError: `src` no longer has the sha256 it was scanned with (it changed during the add).
-        """
+        return self._write_new(rel, lambda out: _hashing_copy(src, out, sha256))
 
     def create(self, rel: str, data: bytes) -> bool:
-        """Write `data` at `rel` only if nothing is there, atomically; returns False when `rel` exists."""
+        return self._write_new(rel, lambda out: out.write(data))
+
+    def _write_new(self, rel: str, write) -> bool:
+        """Stage `write(file)` in a temporary file, fsync it, then publish it at `rel` unless something is there."""
+        dest = self._path(rel)
+        if dest.exists():
+            return False
+        fd, staged = self._staged()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return self._publish(staged, dest)
 
     def fetch(self, rel: str, dest: Path) -> None:
         """Copy `rel` to the local file `dest`."""

@@ -4,39 +4,23 @@ each kind of bad input as one clear error."""
 
 from __future__ import annotations
 
+# ruff: noqa: F811 — tests take the `env` fixture imported from tests.registry_helpers
 import json
 import os
 import re
 from types import SimpleNamespace
 
-import pytest
-
 from nemo_adapt.artifacts.registry import Registry, object_path
-from nemo_adapt.cli import main
-from tests.registry_helpers import eval_result, sha256, write_gates, write_merged, write_run, write_test_file
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """A registry location in NEMO_ADAPT_REGISTRY, a test file, two finished runs and a gates file; W&B offline."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("NEMO_ADAPT_REGISTRY", str(tmp_path / "reg"))
-    test = write_test_file(tmp_path / "data")
-    return SimpleNamespace(tmp=tmp_path, test=test, reg=tmp_path / "reg",
-                           run_a=write_run(tmp_path / "runs" / "triage", test, seed=0),
-                           gates=write_gates(tmp_path))
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["registry", *args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def added_id(out: str) -> str:
-    return re.search(r":([0-9a-f]{12}) ", out).group(1)
+from tests.registry_helpers import (
+    added_id,
+    cli,
+    env,  # noqa: F401 — the shared pytest fixture
+    eval_result,
+    sha256,
+    write_gates,
+    write_merged,
+    write_run,
+)
 
 
 def test_add_then_list_show_lineage_and_the_same_content_is_the_same_version(env, capsys):
