@@ -414,6 +414,9 @@ def check_gates(gates: Gates, ev: Evidence) -> list[GateResult]:
     out = []
     result = ev.result or {}
     suites = result.get("suites") or {}
+    contradictions = evaluation_problems(result) if ev.result is not None else []
+    if contradictions:  # registry add refuses such a file; one stored by an older nemo-adapt is judged here
+        out.append(GateResult(CONSISTENT, "; ".join(contradictions), "consistent", False))
     for g in gates.gates:
         where = f"{gates.path}:{g.line}"
         if ev.result is None and g.metric != "artifact_mib":  # only the size is known without an evaluation
@@ -450,3 +453,78 @@ def check_gates(gates: Gates, ev: Evidence) -> list[GateResult]:
 
 MERGED_RULES = ("merged model: merge validation status", "merged model: regression suites")
 """Gate names of the merged-model rules: `--force` does not override them."""
+CONSISTENT = "evaluation is self-consistent"
+"""The rule an evaluation whose numbers contradict each other fails: `--force` does not override it either."""
+UNFORCEABLE = (*MERGED_RULES, CONSISTENT)
+"""Every rule `--force` does not override."""
+
+_UNIT_INTERVAL = ("exact_match", "token_f1", "field_accuracy", "label_accuracy")
+
+
+def evaluation_problems(result: dict) -> list[str]:
+    """Where a `nemo-adapt eval` result contradicts itself (what an edited eval.json shows).
+
+    Checked: the example count is a non-negative integer and every metric's own `n` equals it; `correct / n` equals
+    the headline exact match, which equals `metrics.exact_match.value`; every interval has low <= high,
+    accuracies and F1 within [0, 1]; a suite's `passed` <= `checked` and `pass` == (all checked passed, at least
+    one); forgetting's interval in order.
+
+    Args:
+        result: eval.json as loaded.
+
+    Returns:
+        One line per contradiction (empty: consistent).
+    """
+    out: list[str] = []
+    n = result.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        out.append(f"n = {n!r} is not a count of examples")
+        n = None
+
+    def interval(where: str, e: dict, unit: bool, of_examples: bool = True) -> None:
+        nums = {k: e.get(k) for k in ("value", "low", "high") if k in e}
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in nums.values()):
+            out.append(f"{where} has a non-numeric value, low or high ({nums})")
+            return
+        # low <= high only: a percentile bootstrap interval need not contain the point estimate (skewed metrics)
+        lo, hi = nums.get("low"), nums.get("high")
+        if lo is not None and hi is not None and lo > hi + 1e-9:
+            out.append(f"{where} has low {lo} > high {hi}")
+        if unit and not all(-1e-9 <= x <= 1 + 1e-9 for x in nums.values()):
+            out.append(f"{where} = {nums} is outside [0, 1]")
+        if of_examples and n is not None and "n" in e and e["n"] != n:
+            out.append(f"{where} counts n = {e['n']} examples, the evaluation n = {n}")
+
+    metrics = result.get("metrics") or {}
+    if isinstance(metrics, dict):
+        for k, e in metrics.items():
+            if isinstance(e, dict) and "value" in e:
+                interval(f"metrics.{k}", e, k in _UNIT_INTERVAL)
+            elif isinstance(e, dict) and k in ("field_accuracy", "label_accuracy"):
+                for f, fe in e.items():
+                    if isinstance(fe, dict) and "value" in fe:
+                        interval(f"metrics.{k}.{f}", fe, True)
+    em = result.get("exact_match")
+    em_entry = metrics.get("exact_match") if isinstance(metrics, dict) else None
+    if isinstance(em, int | float) and isinstance(em_entry, dict) and isinstance(em_entry.get("value"), int | float) \
+            and abs(em - em_entry["value"]) > 1e-6:
+        out.append(f"exact_match = {em} but metrics.exact_match.value = {em_entry['value']}")
+    correct = result.get("correct")
+    if isinstance(correct, int) and n:
+        if not 0 <= correct <= n:
+            out.append(f"correct = {correct} of n = {n}")
+        elif isinstance(em, int | float) and abs(correct / n - em) > 1e-6:
+            out.append(f"correct / n = {correct}/{n} = {correct / n:.4f} but exact_match = {em}")
+    for name, suite in (result.get("suites") or {}).items():
+        if not isinstance(suite, dict):
+            continue
+        passed, checked = suite.get("passed"), suite.get("checked")
+        if isinstance(passed, int) and isinstance(checked, int):
+            if not 0 <= passed <= checked:
+                out.append(f"suite {name}: passed = {passed} of checked = {checked}")
+            elif "pass" in suite and bool(suite["pass"]) != (checked > 0 and passed == checked):
+                out.append(f"suite {name}: pass = {suite['pass']} but {passed} of {checked} cases passed")
+    delta = (result.get("forgetting") or {}).get("loss_delta") if isinstance(result.get("forgetting"), dict) else None
+    if isinstance(delta, dict) and "value" in delta:
+        interval("forgetting.loss_delta", delta, False, of_examples=False)  # its n counts passages
+    return out

@@ -11,6 +11,9 @@ such as `s3://bucket/prefix`), chosen with `--registry` or `NEMO_ADAPT_REGISTRY`
     audit/<seq>.json                 one entry per alias move (promote, rollback) and per refused promotion: who,
                                      when, alias, from, to, the gates file and every gate's value and verdict,
                                      forced, reason; entry N is created only if absent, so the log is append-only
+    audit_head.json                  the newest audit entry's number and sha256; each entry also records the
+                                     sha256 of the one before it (`prev`), so verify notices an edited, replaced
+                                     or deleted entry
     tmp/                             (local) staging for atomic writes; .lock (local) the writers' lock
 
 A version id is the sha256 of its kind and its files' paths and hashes: the same content added twice is the same
@@ -49,7 +52,14 @@ from typing import Any
 
 import yaml
 
-from nemo_adapt.artifacts.gates import MERGED_RULES, Evidence, GateResult, check_gates, load_gates
+from nemo_adapt.artifacts.gates import (
+    UNFORCEABLE,
+    Evidence,
+    GateResult,
+    check_gates,
+    evaluation_problems,
+    load_gates,
+)
 from nemo_adapt.artifacts.registry_store import Store, open_store
 from nemo_adapt.errors import ConfigError
 
@@ -67,6 +77,9 @@ RUN_FILES = ("config.yaml", "results.json", "data_fingerprint.json", "run_summar
 the run, not the artifact)."""
 EVAL, BASELINE, MATRIX = "eval.json", "eval_baseline.json", "study/matrix.json"
 """Where a version keeps its evaluation, its prompt-only baseline and (added from a study) the study's matrix."""
+AUDIT_HEAD = "audit_head.json"
+"""The newest audit entry's number and sha256 (the only file the registry ever rewrites): without it, deleting the
+newest entry would leave a shorter log that still looks whole."""
 RESERVED_ALIASES = ("latest",)
 """`NAME:latest` is the newest version, not an alias that can be moved."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -116,6 +129,17 @@ def version_id(kind: str, files: dict[str, dict]) -> str:
         64 hex digits.
     """
     return hashlib.sha256(_canonical({"kind": kind, "files": {k: v["sha256"] for k, v in files.items()}})).hexdigest()
+
+
+def manifest_seal(manifest: dict) -> str:
+    """sha256 over a manifest's fields except `manifest_sha256` itself (canonical JSON).
+
+    The version id covers the files; the seal covers what the manifest says about them (lineage, recipe, evaluation
+    summary), so `verify` notices a manifest edited after it was written. It is tamper-evidence, not a signature:
+    whoever can write the registry can recompute it (`verify` also re-derives the evaluation summary from the
+    stored eval.json, which the id covers).
+    """
+    return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "manifest_sha256"})).hexdigest()
 
 
 def object_path(sha256: str) -> str:
@@ -314,6 +338,13 @@ def _scan_merged(path: Path) -> Scanned:
     parents = [{"relation": "merge_parent", "path": m.get("model"), "sha256": m.get("sha256"),
                 "fingerprint": m.get("fingerprint"), "weight": m.get("weight")} for m in cfg.get("models") or []]
     base = cfg.get("base_model") or {}
+    if not base.get("fingerprint"):
+        # Adapters merged into their base: the merge checked they share one; each parent records it.
+        bases = {(m.get("base_model_fingerprint"), m.get("base_model")) for m in cfg.get("models") or []
+                 if m.get("base_model_fingerprint")}
+        if len({fp for fp, _ in bases}) == 1:
+            fp, where = sorted(bases, key=str)[0]
+            base = {"fingerprint": fp, "model": where}
     meta = {"base_model": {"fingerprint": base.get("fingerprint"), "name": cfg.get("architecture"),
                            "checkpoint": base.get("model")},
             "merge": {"status": cfg.get("status"), "method": cfg.get("merge_method"),
@@ -355,6 +386,8 @@ def scan_artifact(path: str | os.PathLike, *, eval_file: str | None = None, base
         study, p = _study_candidate(p, scenario)
     elif scenario is not None:
         raise ConfigError(f"--scenario {scenario!r}: {str(p)!r} is not a strategy study's output (no matrix.json)")
+    inner = _got_artifact_dir(p)
+    outer, p = (p, inner) if inner is not None else (None, p)
     if (p / "config.yaml").is_file() and ((p / "adapter").is_dir() or (p / "model").is_dir()
                                           or (p / "results.json").is_file()):
         scanned = _scan_run(p)
@@ -377,7 +410,15 @@ def scan_artifact(path: str | os.PathLike, *, eval_file: str | None = None, base
         files, artifact = _scan_model_dir(p, "model")
         scanned = Scanned("hf_model", p, p.name, files, artifact, {})
     else:
-        raise _not_an_artifact(p)
+        raise _not_an_artifact(outer or p)
+    if outer is not None:  # a tree `registry get` wrote: its evaluation and study beside the artifact, as stored
+        scanned.source, scanned.name = outer, outer.name
+        eval_file = eval_file if eval_file is not None or not (outer / EVAL).is_file() else str(outer / EVAL)
+        if baseline_file is None and (outer / BASELINE).is_file():
+            baseline_file = str(outer / BASELINE)
+    got = outer if outer is not None else p
+    if study is None and (got / MATRIX).is_file():
+        scanned.files[MATRIX] = got / MATRIX
     if study is not None:
         matrix_path, baseline_dir, link = study
         scanned.files[MATRIX] = matrix_path
@@ -386,6 +427,18 @@ def scan_artifact(path: str | os.PathLike, *, eval_file: str | None = None, base
             baseline_file = str(baseline_dir / BASELINE)
     _attach_evaluation(scanned, eval_file, baseline_file)
     return scanned
+
+
+def _got_artifact_dir(p: Path) -> Path | None:
+    """For a tree `registry get` wrote of an adapter, merged or Hugging Face model version (adapter/ or model/,
+    beside at most eval.json, eval_baseline.json and study/): that adapter/ or model/ directory. Else None."""
+    if (p / "config.yaml").exists():
+        return None  # a run directory
+    inner = [d for d in ("adapter", "model") if (p / d).is_dir()]
+    rest = {e.name for e in p.iterdir()} - set(inner)
+    if len(inner) != 1 or not rest <= {EVAL, BASELINE, MATRIX.split("/")[0]}:
+        return None
+    return p / inner[0]
 
 
 def _study_candidate(out: Path, scenario: str | None) -> tuple[tuple[Path, Path | None, dict], Path]:
@@ -453,15 +506,12 @@ def _attach_evaluation(s: Scanned, eval_file: str | None, baseline_file: str | N
                                   "(nemo-adapt eval RUN) and add again")
         else:
             _check_model_evaluated(s, source, prov)
+        inconsistent = evaluation_problems(result)
+        if inconsistent:
+            raise ConfigError(f"{str(source)!r} contradicts itself: {'; '.join(inconsistent)} (edited by hand? "
+                              "evaluate again with nemo-adapt eval)")
         s.files[EVAL] = source
-        s.meta["evaluation"] = {
-            "metric": prov.get("metric"), "n": result.get("n"), "test_file": prov.get("test_file"),
-            "test_sha256": prov.get("test_sha256"), "metrics": _metric_summary(result.get("metrics")),
-            "suites": {k: {f: v.get(f) for f in ("pass", "passed", "checked", "sha256")}
-                       for k, v in (result.get("suites") or {}).items() if isinstance(v, dict)},
-            "forgetting": (result.get("forgetting") or {}).get("loss_delta"),
-            "inference_cost": sorted(result.get("inference_cost") or {}),
-            "code_version": prov.get("code_version")}
+        s.meta["evaluation"] = evaluation_summary(result)
         s.meta.setdefault("code_version", {})["evaluated"] = prov.get("code_version")
         s.meta.setdefault("dataset", {})["test_sha256"] = prov.get("test_sha256")
     if baseline_file is None and s.kind == "run" and (s.source / BASELINE).is_file():
@@ -498,6 +548,20 @@ def _check_model_evaluated(s: Scanned, source: Path, prov: dict) -> None:
     if recorded != have:
         raise ConfigError(f"{str(source)!r} evaluated model {recorded}, but {str(model_dir)!r} is {have}: evaluate "
                           f"this model (nemo-adapt eval RUN --model {model_dir}) and add again")
+
+
+def evaluation_summary(result: dict) -> dict:
+    """The manifest's `evaluation` field: what `list`/`show`/`diff` print, derived from eval.json alone (so
+    `verify` can derive it again from the stored file and compare)."""
+    prov = result.get("provenance") or {}
+    return {
+        "metric": prov.get("metric"), "n": result.get("n"), "test_file": prov.get("test_file"),
+        "test_sha256": prov.get("test_sha256"), "metrics": _metric_summary(result.get("metrics")),
+        "suites": {k: {f: v.get(f) for f in ("pass", "passed", "checked", "sha256")}
+                   for k, v in (result.get("suites") or {}).items() if isinstance(v, dict)},
+        "forgetting": (result.get("forgetting") or {}).get("loss_delta"),
+        "inference_cost": sorted(result.get("inference_cost") or {}),
+        "code_version": prov.get("code_version")}
 
 
 def _metric_summary(metrics: dict | None) -> dict:
@@ -612,6 +676,7 @@ class Registry:
         # store every read is a request). Listings are not cached: other writers add to them.
         self._manifests: dict[tuple[str, str], Version] = {}
         self._entries: dict[str, dict] = {}
+        self._entry_sha: dict[str, str] = {}  # audit file name -> sha256 of its bytes (what the next entry chains to)
 
     # ---- reading
 
@@ -664,8 +729,10 @@ class Registry:
         for entry in self.store.listdir("audit"):
             if re.fullmatch(r"\d{8}\.json", entry):
                 if entry not in self._entries:
+                    raw = self.store.read(f"audit/{entry}")
+                    self._entry_sha[entry] = hashlib.sha256(raw).hexdigest()
                     try:
-                        data = json.loads(self.store.read(f"audit/{entry}"))
+                        data = json.loads(raw)
                     except (ValueError, UnicodeDecodeError) as err:
                         out.append((entry, f"unreadable JSON ({err})"))
                         continue
@@ -822,7 +889,9 @@ class Registry:
         }
         manifest.setdefault("parents", [])
         manifest["wandb"] = (log_wandb or wandb_link)(manifest, scanned)
-        data = (json.dumps(manifest, indent=2, default=str) + "\n").encode()
+        manifest = json.loads(json.dumps(manifest, default=str))  # sealed as it will be read back
+        manifest["manifest_sha256"] = manifest_seal(manifest)
+        data = (json.dumps(manifest, indent=2) + "\n").encode()
         with self.store.lock():
             created = self.store.create(rel, data)
         if created:  # as stored (a JSON round trip), without reading it back
@@ -830,19 +899,42 @@ class Registry:
         return AddResult(self._load(name, vid), created, new, scanned.notes)
 
     def _append(self, make: Callable[[list[dict]], dict | None]) -> dict | None:
-        """Append one audit entry built from the log as it stands (retried if another writer took the number)."""
+        """Append one audit entry built from the log as it stands (retried if another writer took the number).
+
+        Each entry carries `prev`, the sha256 of the entry before it, so an edited or replaced entry breaks the
+        chain; `AUDIT_HEAD` names the newest entry and its sha256, so a deleted or edited newest entry shows too.
+        """
         for _ in range(_RETRIES):
             with self.store.lock():
                 entries = self.audit()
                 entry = make(entries)
                 if entry is None:
                     return None
-                entry = {"seq": (entries[-1]["seq"] + 1) if entries else 1, **entry}
+                seq = (entries[-1]["seq"] + 1) if entries else 1
+                prev = self._entry_sha.get(f"{seq - 1:08d}.json") if entries else None
+                entry = {"seq": seq, **entry, "prev": prev}
                 data = (json.dumps(entry, indent=2, default=str) + "\n").encode()
-                if self.store.create(f"audit/{entry['seq']:08d}.json", data):
+                if self.store.create(f"audit/{seq:08d}.json", data):
+                    self._advance_head(seq, hashlib.sha256(data).hexdigest())
                     return entry
         raise ConfigError(f"registry {self.store.url}: could not append to the audit log after {_RETRIES} tries "
                           "(other writers kept taking the next entry); try again")
+
+    def _head(self) -> dict | None:
+        try:
+            head = json.loads(self.store.read(AUDIT_HEAD))
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            return {"damaged": True}
+        return head if isinstance(head, dict) else {"damaged": True}
+
+    def _advance_head(self, seq: int, sha: str) -> None:
+        """Point the head at entry `seq` unless it already names a later one (a writer that lost a race on an
+        object store, which has no lock, must not move it back)."""
+        head = self._head()
+        if head is None or not isinstance(head.get("seq"), int) or head["seq"] < seq:
+            self.store.replace(AUDIT_HEAD, (json.dumps({"seq": seq, "sha256": sha}) + "\n").encode())
 
     def promote(self, ref: str, alias: str, gates_file: str | os.PathLike, *, force: bool = False,
                 reason: str | None = None) -> PromoteResult:
@@ -854,7 +946,8 @@ class Registry:
             ref: the version (`NAME:ID`, `NAME:ALIAS`, ...).
             alias: the alias to move (`production`, `staging`, ...).
             gates_file: the gates YAML.
-            force: move the alias although gates failed (never past the merged-model rules).
+            force: move the alias although gates failed (never past `gates.UNFORCEABLE`: the merged-model rules and
+                an evaluation that contradicts itself); a refused forced attempt is logged with `force_requested`.
             reason: why (required with `force`; recorded either way).
 
         Returns:
@@ -870,7 +963,7 @@ class Registry:
         version = self.resolve(ref)
         results = check_gates(gates, self.evidence(version))
         failed = [g for g in results if not g.passed]
-        unforceable = [g for g in failed if g.gate in MERGED_RULES]
+        unforceable = [g for g in failed if g.gate in UNFORCEABLE]
         moved = not failed or (force and not unforceable)
         record = {"gates": {"file": str(gates.path), "name": gates.name, "sha256": gates.sha256,
                             "results": [g.as_dict() for g in results], "passed": not failed}}
@@ -883,7 +976,7 @@ class Registry:
                 return None  # already there: nothing moves, nothing to log
             return {"action": "promote" if moved else "refused", "name": version.name, "alias": alias,
                     "from": state["previous"], "to": version.id, "who": who(), "when": _now(),
-                    "forced": bool(moved and failed), "reason": reason, **record}
+                    "forced": bool(moved and failed), "force_requested": force, "reason": reason, **record}
 
         entry = self._append(make)
         return PromoteResult(version, alias, state.get("previous"), results, moved, bool(moved and failed), entry)
@@ -940,6 +1033,7 @@ class Registry:
             whose `from` is not where its alias stood).
         """
         problems: list[str] = []
+        notes: list[str] = []
         if ref:
             versions = [self.resolve(ref)]
         else:  # one damaged manifest is reported and the rest still checked
@@ -961,6 +1055,14 @@ class Registry:
             m = v.manifest
             if m.get("id") != v.id or version_id(m.get("kind"), m.get("files") or {}) != v.id:
                 problems.append(f"{v.ref}: manifest does not match its id (edited or damaged)")
+            if m.get("name") != v.name:
+                problems.append(f"{v.ref}: the manifest names {m.get('name')!r}: copied or moved from another name")
+            if "manifest_sha256" not in m:
+                notes.append(f"{v.ref}: manifest without a seal (written before nemo-adapt sealed manifests); its "
+                             "files are still checked")
+            elif m["manifest_sha256"] != manifest_seal(m):
+                problems.append(f"{v.ref}: manifest edited after it was written (its fields no longer match its "
+                                "manifest_sha256)")
             for rel, f in sorted((m.get("files") or {}).items()):
                 if not isinstance(f, dict) or not isinstance(f.get("sha256"), str):
                     problems.append(f"{v.ref}: {rel} has no sha256 in the manifest (edited or damaged)")
@@ -970,7 +1072,7 @@ class Registry:
                     hashed[sha] = self._check_object(sha, int(f.get("size") or 0))
                 if hashed[sha]:
                     problems.append(f"{v.ref}: {rel} {hashed[sha]}")
-        notes = []
+            problems += self._check_evaluation(v, hashed)
         if ref is None:
             problems += self._check_audit({v.name: {x.id for x in versions if x.name == v.name} for v in versions})
             stored = {p.rsplit("/", 1)[-1] for p in self.store.find("objects/sha256")}
@@ -983,6 +1085,24 @@ class Registry:
                 notes.append(f"{len(left)} temporary file(s) under {self.store.url}/tmp from interrupted writes "
                              "(harmless; safe to delete when no add is running)")
         return VerifyReport(len(versions), len(hashed), problems, notes)
+
+    def _check_evaluation(self, v: Version, hashed: dict[str, str | None]) -> list[str]:
+        """The stored eval.json (covered by the id) must be self-consistent and say what the manifest says of it."""
+        m = v.manifest
+        entry = (m.get("files") or {}).get(EVAL)
+        if not isinstance(entry, dict):
+            return [f"{v.ref}: the manifest records an evaluation but the version stores no {EVAL}"] \
+                if m.get("evaluation") else []
+        if hashed.get(entry.get("sha256")):
+            return []  # already reported as damaged or missing
+        try:
+            result = json.loads(self.store.read(object_path(entry["sha256"])))
+        except (ValueError, UnicodeDecodeError) as err:
+            return [f"{v.ref}: stored {EVAL} is not JSON ({err})"]
+        out = [f"{v.ref}: stored {EVAL}: {p}" for p in evaluation_problems(result)]
+        if "evaluation" in m and _canonical(m["evaluation"]) != _canonical(evaluation_summary(result)):
+            out.append(f"{v.ref}: the manifest's evaluation summary differs from its stored {EVAL} (edited)")
+        return out
 
     def _check_object(self, sha: str, size: int) -> str | None:
         h, n = hashlib.sha256(), 0
@@ -1004,13 +1124,23 @@ class Registry:
 
     def _check_audit(self, known: dict[str, set[str]]) -> list[str]:
         problems, stacks = [], {}
-        for i, (fname, e) in enumerate(self._audit_files(), 1):
+        files = self._audit_files()
+        chained = False  # entries written before the log was chained have no `prev`; once one has, all must
+        for i, (fname, e) in enumerate(files, 1):
             if isinstance(e, str):
                 problems.append(f"audit entry {fname}: {e}")
                 continue
             if e.get("seq") != i:
                 problems.append(f"audit entry {i}: sequence number {e.get('seq')} (entries missing or duplicated)")
                 break
+            if "prev" in e:
+                chained = True
+                want = self._entry_sha.get(files[i - 2][0]) if i > 1 else None
+                if e["prev"] != want:
+                    problems.append(f"audit entry {i - 1} was edited or replaced after entry {i} was written "
+                                    "(entry {i}'s link to it no longer matches)".replace("{i}", str(i)))
+            elif chained:
+                problems.append(f"audit entry {i}: no link to the entry before it (written by hand?)")
             key = (e["name"], e["alias"])
             stack = stacks.setdefault(key, [])
             top = stack[-1] if stack else None
@@ -1025,6 +1155,20 @@ class Registry:
                 stack.append(e["to"])
             elif e["action"] == "rollback" and stack:
                 stack.pop()
+        head = self._head()
+        if head is not None:
+            seq = head.get("seq")
+            if head.get("damaged") or not isinstance(seq, int):
+                problems.append(f"{AUDIT_HEAD} is damaged (not a JSON object with seq and sha256)")
+            elif seq > len(files):
+                problems.append(f"the audit log ends at entry {len(files)} but {AUDIT_HEAD} says entry {seq} was "
+                                f"written: entr{'y' if seq == len(files) + 1 else 'ies'} {len(files) + 1}"
+                                f"{f'-{seq}' if seq > len(files) + 1 else ''} deleted")
+            elif seq >= 1 and self._entry_sha.get(files[seq - 1][0]) != head.get("sha256"):
+                problems.append(f"audit entry {seq} was edited after it was written (its sha256 is not the one "
+                                f"{AUDIT_HEAD} recorded)")
+        elif chained:
+            problems.append(f"{AUDIT_HEAD} is missing although the audit log is chained (deleted?)")
         return problems
 
     # ---- reading for people
@@ -1160,7 +1304,37 @@ def wandb_link(manifest: dict, scanned: Scanned, environ: dict | None = None) ->
 
     if resolve_wandb_mode("auto", environ) != "online":
         return None
+    unreachable = wandb_unreachable(environ)
+    if unreachable:
+        import warnings
+
+        from nemo_adapt.artifacts.registry_store import RegistryWarning
+
+        warnings.warn(f"W&B artifact not logged: {unreachable}; the registry version is complete without it",
+                      RegistryWarning, stacklevel=2)
+        return None
     return log_wandb_artifact(manifest, scanned, mode="online", environ=environ)
+
+
+def wandb_unreachable(environ: dict | None = None, timeout_s: float = 5.0) -> str | None:
+    """Why the W&B server cannot be reached (one TCP connect, `timeout_s` seconds at most), or None.
+
+    `wandb.init` online waits up to 90 s (its init_timeout) and retries before giving up; on a cluster node
+    without internet access that is minutes per `registry add`. One connect to WANDB_BASE_URL's host answers in
+    seconds.
+    """
+    from urllib.parse import urlsplit
+
+    url = (os.environ if environ is None else environ).get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    host, port = parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)
+    if not host:
+        return f"WANDB_BASE_URL={url!r} names no host"
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{host}:{port} is unreachable ({type(err).__name__}: {err})"
+    return None
 
 
 def log_wandb_artifact(manifest: dict, scanned: Scanned, mode: str, environ: dict | None = None) -> dict | None:

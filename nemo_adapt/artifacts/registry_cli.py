@@ -307,8 +307,9 @@ def cmd_promote(args) -> int:
     for g in res.failed:
         print(f"  {g.gate}: {g.value}, needs {g.threshold}", file=sys.stderr)
     if args.force:
-        print("(--force does not override the merged-model rules: a merged model needs merge status validated and a "
-              "regression-suite pass)", file=sys.stderr)
+        print("(--force does not override the merged-model rules — a merged model needs merge status validated and a "
+              "regression-suite pass — nor an evaluation that contradicts itself; the forced attempt is logged)",
+              file=sys.stderr)
     return 1
 
 
@@ -331,6 +332,7 @@ def cmd_log(args) -> int:
         judged = f" gates {gates.get('name')} {'passed' if gates.get('passed') else f'{len(failed)} failed'}" if gates else ""
         print(f"#{e['seq']:<5} {_when(e['when'])}  {e['who']}  {e['action']:<8} {e['name']}:{e['alias']} "
               f"{_short(e.get('from'))} -> {_short(e.get('to'))}{judged}{' FORCED' if e.get('forced') else ''}"
+              f"{' (forced attempt)' if e.get('force_requested') and not e.get('forced') else ''}"
               f"{' reason: ' + e['reason'] if e.get('reason') else ''}")
     if not entries:
         print("the audit log is empty")

@@ -68,26 +68,14 @@ class Store(Protocol):
         """Every file under directory `rel`, recursively, as paths relative to `rel` (one listing on object stores)."""
 
     def put_object(self, src: Path, rel: str, sha256: str) -> bool:
-        return self._write_new(rel, lambda out: _hashing_copy(src, out, sha256))
+        """Store the file `src` at `rel` unless something is there (True: stored now); its bytes are hashed while
+        copied and must equal `sha256` (ConfigError otherwise: the file changed while being added)."""
 
     def create(self, rel: str, data: bytes) -> bool:
-        return self._write_new(rel, lambda out: out.write(data))
+        """Write `data` at `rel` only if absent, atomically (True: written now; False: something was there)."""
 
-    def _write_new(self, rel: str, write) -> bool:
-        """Stage `write(file)` in a temporary file, fsync it, then publish it at `rel` unless something is there."""
-        dest = self._path(rel)
-        if dest.exists():
-            return False
-        fd, staged = self._staged()
-        try:
-            with os.fdopen(fd, "wb") as out:
-                write(out)
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            staged.unlink(missing_ok=True)
-            raise
-        return self._publish(staged, dest)
+    def replace(self, rel: str, data: bytes) -> None:
+        """Write `data` at `rel` whole, replacing what is there (only for the audit log's head pointer)."""
 
     def fetch(self, rel: str, dest: Path) -> None:
         """Copy `rel` to the local file `dest`."""
@@ -170,34 +158,40 @@ class LocalStore:
                 staged.unlink()
 
     def put_object(self, src: Path, rel: str, sha256: str) -> bool:
-        dest = self._path(rel)
-        if dest.exists():
-            return False
-        fd, staged = self._staged()
-        try:
-            with os.fdopen(fd, "wb") as out:
-                _hashing_copy(src, out, sha256)
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            staged.unlink(missing_ok=True)
-            raise
-        return self._publish(staged, dest)
+        return self._write_new(rel, lambda out: _hashing_copy(src, out, sha256))
 
     def create(self, rel: str, data: bytes) -> bool:
-        dest = self._path(rel)
-        if dest.exists():
-            return False
+        return self._write_new(rel, lambda out: out.write(data))
+
+    def _stage(self, write) -> Path:
+        """`write(file)` into a new temporary file under tmp/, fsynced; removed again if writing fails."""
         fd, staged = self._staged()
         try:
             with os.fdopen(fd, "wb") as out:
-                out.write(data)
+                write(out)
                 out.flush()
                 os.fsync(out.fileno())
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
-        return self._publish(staged, dest)
+        return staged
+
+    def _write_new(self, rel: str, write) -> bool:
+        """Stage `write(file)`, then publish it at `rel` unless something is there."""
+        dest = self._path(rel)
+        if dest.exists():
+            return False
+        return self._publish(self._stage(write), dest)
+
+    def replace(self, rel: str, data: bytes) -> None:
+        from nemo_adapt.file_modes import follow_umask
+
+        staged = self._stage(lambda out: out.write(data))
+        try:
+            follow_umask(staged)
+            os.replace(staged, self._path(rel))  # atomic: a reader sees the old or the new pointer, never half
+        finally:
+            staged.unlink(missing_ok=True)
 
     def fetch(self, rel: str, dest: Path) -> None:
         shutil.copyfile(self._path(rel), dest)
@@ -343,6 +337,9 @@ class FsspecStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(probe)
+
+    def replace(self, rel: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(rel), data)  # one PUT: the object is replaced whole
 
     def fetch(self, rel: str, dest: Path) -> None:
         self.fs.get_file(self._path(rel), str(dest))

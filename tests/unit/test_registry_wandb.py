@@ -7,6 +7,7 @@ WANDB_API_KEY proves the upload and the link (docs/registry.md says so)."""
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import types
 import warnings
@@ -29,11 +30,15 @@ def run_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NEMO_ADAPT_REGISTRY", str(tmp_path / "reg"))
     for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR"):
         monkeypatch.delenv(key, raising=False)
+    # A listening local socket stands in for the W&B server's address (the stand-in module does the rest).
+    server = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
     run = write_run(tmp_path / "runs" / "triage", write_test_file(tmp_path / "data"))
     recipe = yaml.safe_load((run / "config.yaml").read_text())
     recipe["logging"]["hf_token"] = TOKEN  # a secret that must not travel
     (run / "config.yaml").write_text(yaml.safe_dump(recipe))
-    return run
+    yield run
+    server.close()
 
 
 class _Untouchable(types.ModuleType):
@@ -126,6 +131,18 @@ def test_a_wandb_failure_is_a_warning_not_a_failed_add(run_dir, monkeypatch, cap
         assert main(["registry", "add", str(run_dir)]) == 0
     version = Registry().resolve("triage")
     assert version.manifest["wandb"] is None and Registry().verify().problems == []
+
+
+def test_an_unreachable_wandb_server_is_one_refused_connect_not_a_wandb_init(run_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", _Untouchable("wandb"))  # wandb.init is never reached
+    monkeypatch.setenv("WANDB_API_KEY", API_KEY)
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: the connect is refused
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    with pytest.warns(RegistryWarning, match=rf"W&B artifact not logged: 127.0.0.1:{port} is unreachable"):
+        assert main(["registry", "add", str(run_dir)]) == 0
+    assert Registry().resolve("triage").manifest["wandb"] is None
 
 
 def test_the_calls_are_real_wandb_api(run_dir, tmp_path, monkeypatch):
