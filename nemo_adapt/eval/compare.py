@@ -561,14 +561,17 @@ COLUMNS = [
     ("trainable", "trainable parameters (share of the base model's)"),
     ("artifact", "what is shipped: adapter/ (PEFT) or model/ (full fine-tuning); 0 for prompting"),
     ("train tok/s", "median non-padding tokens/s over training steps after the first, on this machine"),
-    ("train wall", "wall time of `nemo-adapt run` on this machine (start-up, training, its own evaluation)"),
+    ("train wall", "wall time of `nemo-adapt run` on this machine (start-up, training, its own evaluation), summed "
+                   "over the invocations that trained it"),
     ("GPU-h (target)", "the planner's step time on the study's target cluster x steps x GPUs"),
     ("forgetting", "general-text loss change against the base, nats/token [95% CI]"),
     ("suites", "regression suites passed/checked (a suite with only_where_base_passes checks only the cases the "
                "base passes)"),
     ("TTFT", "time to first token, batch 1, ms"),
     ("decode b1 / bN", "decode tokens/s at batch 1 and at batch 8"),
-    ("overhead", "decode time per token against the base, unmerged / merged (prompting: the base itself)"),
+    ("overhead", "decode time per token against the base, unmerged / merged, the base measured in the same process "
+                 "(full fine-tuning: against the baseline's measurement of the base — the same architecture, so its "
+                 "overhead is measurement noise)"),
     ("context", "tokens attended per prompt: the prompt plus virtual tokens and prefixes (the baseline's shots)"),
 ]
 
@@ -583,6 +586,9 @@ def _cells(r: dict) -> list[str]:
     overhead = _fmt_pct(r.get("latency_overhead"))
     if r.get("latency_overhead_merged") is not None:
         overhead += f" / {_fmt_pct(r['latency_overhead_merged'])}"
+    forgetting = _fmt_ci(r.get("forgetting"), signed=True)
+    if r["kind"] == "baseline":  # zero by definition, not measured: the baseline is the base
+        forgetting, overhead = "0 (the base)", "0 (the base)"
     return [
         r["name"], r["method"], _fmt_ci(r["score"]),
         ", ".join(f"{k} {v:.3f}" for k, v in r["fields"].items()) or "—",
@@ -590,7 +596,7 @@ def _cells(r: dict) -> list[str]:
         "—" if r.get("train_tokens_per_s") is None else f"{r['train_tokens_per_s']:.0f}",
         _fmt_wall(r.get("train_wall_s")),
         "—" if r.get("gpu_hours") is None else f"{r['gpu_hours']:.3g}",
-        _fmt_ci(r.get("forgetting"), signed=True), suites or "—",
+        forgetting, suites or "—",
         "—" if not inf else f"{1000 * inf['ttft_s']:.0f}",
         " / ".join("—" if v is None else f"{v:.1f}" for v in rates.values()) or "—", overhead,
         "—" if r.get("context_tokens") is None else f"{r['context_tokens']:.0f}",
@@ -600,11 +606,8 @@ def _cells(r: dict) -> list[str]:
 def report_markdown(matrix: dict) -> str:
     """report.md: the matrix, the scenarios' recommendations with their deciding numbers, and the legend."""
     rows, out = matrix["rows"], io.StringIO()
-    ds = matrix["dataset"]
     out.write(f"# Strategy matrix: {matrix['study']}\n\n")
-    out.write(f"Dataset `{ds['version']}` (test {ds['files']['test']}, sha256 {ds['sha256']['test'][:12]}); "
-              f"study {matrix['study_file']} (sha256 {matrix['study_sha256'][:12]}); {matrix['machine']}; "
-              f"wall {_fmt_wall(matrix['wall_s'])} ({matrix['when']}).\n\n")
+    out.write(_provenance_line(matrix) + "\n\n")
     head = [name for name, _ in COLUMNS]
     out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
     for r in rows:
@@ -616,10 +619,7 @@ def report_markdown(matrix: dict) -> str:
         out.write("\n\n## Scenarios\n\n")
         for s in matrix["scenarios"]:
             sc = s["scenario"]
-            gates = [f"{k}=[{', '.join(v)}]" if isinstance(v, list | tuple) else f"{k}={v}" for k, v in sc.items()
-                     if k not in ("name", "description", "prefer") and v not in (None, (), [])]
-            out.write(f"**{sc['name']}** ({sc['description'] or 'no description'}; {', '.join(gates)}; prefer "
-                      f"{sc['prefer']}): ")
+            out.write(f"**{sc['name']}** ({sc['description'] or 'no description'}; {_scenario_terms(sc)}): ")
             out.write(f"**{s['recommendation']}** — {s['why']}.\n" if s["recommendation"] else f"none — {s['why']}.\n")
             for name, v in s["verdicts"].items():
                 if not v["pass"]:
@@ -629,6 +629,24 @@ def report_markdown(matrix: dict) -> str:
     for name, doc in COLUMNS:
         out.write(f"- **{name}**: {doc}\n")
     return out.getvalue()
+
+
+def _provenance_line(matrix: dict) -> str:
+    """Which data, study and machine, and how long: this invocation's wall time and the training plus evaluation
+    time of every candidate summed over the invocations that did it (a resumed study reuses finished work)."""
+    ds = matrix["dataset"]
+    splits = ", ".join(f"{k} {ds['files'][k]} sha256 {v[:12]}" for k, v in ds["sha256"].items())
+    total = matrix.get("compute_s")
+    return (f"Dataset `{ds['version']}` ({splits}); study {matrix['study_file']} (sha256 "
+            f"{matrix['study_sha256'][:12]}); {matrix['machine']}; training and evaluation "
+            f"{_fmt_wall(total)} in all, this invocation {_fmt_wall(matrix['wall_s'])} ({matrix['when']}).")
+
+
+def _scenario_terms(sc: dict) -> str:
+    """A scenario's thresholds as written in the study, e.g. `min_gain=0.05, variants=16; prefer cost`."""
+    gates = [f"{k}=[{', '.join(v)}]" if isinstance(v, list | tuple) else f"{k}={v}" for k, v in sc.items()
+             if k not in ("name", "description", "prefer") and v not in (None, (), [])]
+    return f"{', '.join(gates)}; prefer {sc['prefer']}"
 
 
 def _svg(fig) -> str:
@@ -695,16 +713,16 @@ def report_html(matrix: dict) -> str:
         pick = esc(s["recommendation"] or "none")
         fails = "".join(f"<li>{esc(n)}: {esc('; '.join(v['failed']))}</li>" for n, v in s["verdicts"].items()
                         if not v["pass"])
-        scen += (f"<h3>{esc(sc['name'])}</h3><p>{esc(sc['description'])}</p><p><b>{pick}</b> — {esc(s['why'])}</p>"
-                 f"<ul>{fails}</ul>")
+        scen += (f"<h3>{esc(sc['name'])}</h3><p>{esc(sc['description'])} ({esc(_scenario_terms(sc))})</p>"
+                 f"<p><b>{pick}</b> — {esc(s['why'])}</p><ul>{fails}</ul>")
     figs = "".join(f"<h3>{esc(t)}</h3>{svg}" for t, svg in plots)
-    ds = matrix["dataset"]
+    legend = "".join(f"<li><b>{esc(name)}</b>: {esc(doc)}</li>" for name, doc in COLUMNS)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(matrix['study'])}</title><style>"
             "body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse;font-size:13px}"
             "td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>"
-            f"<h1>Strategy matrix: {esc(matrix['study'])}</h1><p>Dataset {esc(ds['version'])}, "
-            f"{esc(matrix['machine'])}, wall {esc(_fmt_wall(matrix['wall_s']))}</p><table>{table}</table>"
-            f"<h2>Scenarios</h2>{scen}<h2>Plots</h2>{figs}</body></html>\n")
+            f"<h1>Strategy matrix: {esc(matrix['study'])}</h1><p>{esc(_provenance_line(matrix))}</p>"
+            f"<table>{table}</table><h2>Scenarios</h2>{scen}<h2>Plots</h2>{figs}<h2>Columns</h2><ul>{legend}</ul>"
+            "</body></html>\n")
 
 
 def _machine() -> str:
@@ -739,7 +757,8 @@ def _eta(study: Study, configs: dict, state: StudyState, remaining: list[str]) -
         e = state.data["candidates"].get(name, {})
         if not c.baseline and not e.get("train_done"):
             left += walls / toks * _row_tokens(cfg)
-        left += statistics.mean(evals)
+        if not (e.get("eval_key") and (c.baseline or e.get("train_done"))):  # else most likely reused as it is
+            left += statistics.mean(evals)
     return f"about {_fmt_wall(left)} left"
 
 
@@ -831,6 +850,8 @@ def compare(study_path: str | Path, out: str | Path | None = None, max_examples:
         "target": dataclasses.asdict(study.target) if study.target else None,
         "evaluation": dataclasses.asdict(study.evaluation), "machine": _machine(),
         "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": round(time.monotonic() - started, 1),
+        "compute_s": round(sum((e.get("train_wall_s") or 0) + (e.get("eval_wall_s") or 0)
+                               for name, e in state.data["candidates"].items() if name in configs), 1),
         "rows": rows,
     }
     matrix["scenarios"] = [judge(s, rows) for s in study.scenarios]

@@ -446,6 +446,14 @@ def check_candidates(study: Study, recipe_dir: Path) -> dict[str, Any]:
         try:
             cfg = load_recipe(recipe, overrides)
         except ConfigError as err:
+            if study.overrides:  # whose override is wrong: the study's (every candidate) or this candidate's
+                try:
+                    load_recipe(recipe, [o for o in overrides if o not in study.overrides])
+                except ConfigError:
+                    pass
+                else:
+                    raise ConfigError(f"{study.path}: overrides (applied to every candidate; here to {c.name!r}, "
+                                      f"recipe {c.recipe}): {err}") from None
             raise ConfigError(f"{where}: {err}") from None
         for split in SPLITS:
             theirs = getattr(cfg.data, split)

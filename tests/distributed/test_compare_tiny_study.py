@@ -64,10 +64,15 @@ def test_the_tiny_study_fills_every_column_and_resumes_without_retraining(tmp_pa
     for s in matrix["scenarios"]:
         assert set(s["verdicts"]) == set(rows)
         assert s["recommendation"] is None or s["verdicts"][s["recommendation"]]["pass"]
+    trained = [r for r in rows.values() if r["kind"] != "baseline"]
+    assert matrix["compute_s"] >= sum(r["train_wall_s"] + r["eval_wall_s"] for r in trained)
     report = (out / "report.md").read_text()
     assert "| candidate | method |" in report and "## Scenarios" in report and "**one_variant**" in report
+    assert "training and evaluation " in report and " in all, this invocation " in report
+    assert "| 0 (the base) |" in report  # the baseline's forgetting and overhead are zero by definition
     html = (out / "report.html").read_text()
     assert html.count("<svg") == 3 and "Quality vs trainable parameters" in html
+    assert "min_gain=" in html and "<h2>Columns</h2>" in html and matrix["dataset"]["sha256"]["test"][:12] in html
     assert "[5/5] full: training" in first.stdout and " left" in first.stdout  # which candidate, and an ETA
 
     # A candidate whose run did not finish (here: its results removed) is trained again; the others are reused

@@ -81,6 +81,7 @@ def test_a_candidate_on_another_data_version_is_refused_before_anything_runs(stu
     ("    min_gain: 0.0\n", "    min_gain: .nan\n", "min_gain=nan must be a finite number"),
     ("    min_gain: 0.0\n", "    min_gain: [1]\n", "min_gain must be a number"),
     ("    variants: 16\n", "    variants: 16\n    variants: 4\n", "key 'variants' is given twice"),
+    ("run.log_interval=1]", "run.log_intervall=1]", "overrides (applied to every candidate; here to 'prompt_only'"),
 ])
 def test_bad_study_values_are_refused_with_where_and_what_is_allowed(study_dir, old, new, expected):
     study = _edit(study_dir / "recipes/studies/tiny_cpu.yaml", old, new)
