@@ -11,22 +11,7 @@ from dataclasses import dataclass, field
 
 from nemo_adapt.errors import ConfigError
 from nemo_adapt.peft.base import PeftConfig
-
-
-def check_choice(key: str, value, allowed) -> None:
-    """Raise ConfigError unless `value` is one of `allowed`."""
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(repr, allowed))}")
-
-
-def check_positive(key: str, value, allow_zero: bool = False, integer: bool = True) -> None:
-    """Raise ConfigError unless `value` is a positive (or non-negative) number."""
-    kind = (int,) if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        what = "an integer" if integer else "a number"
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key}={value!r} must be {what} {bound}")
+from nemo_adapt.validation import check_choice, check_positive
 
 
 @dataclass

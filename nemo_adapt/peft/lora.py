@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nemo_adapt.config.schema import check_positive
 from nemo_adapt.errors import ConfigError
 from nemo_adapt.peft.base import PeftConfig, PeftMethod, mark_adapter, name_seed, register_peft
+from nemo_adapt.validation import check_positive
 
 LINEAR_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 

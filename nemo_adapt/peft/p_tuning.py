@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_adapt.config.schema import check_choice, check_positive
 from nemo_adapt.peft.base import PeftConfig, PeftMethod, mark_adapter, name_seed, register_peft
 from nemo_adapt.peft.prompt_tuning import check_virtual_token_recipe
 from nemo_adapt.peft.virtual_tokens import VirtualPrompt, model_device, seeded
+from nemo_adapt.validation import check_choice, check_positive
 
 ENCODERS = ("mlp", "lstm")
 

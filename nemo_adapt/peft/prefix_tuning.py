@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nemo_adapt.config.schema import check_positive
 from nemo_adapt.data.packing import causal_chunk_mask
 from nemo_adapt.errors import ConfigError
 from nemo_adapt.peft.base import PeftConfig, PeftMethod, mark_adapter, name_seed, register_peft
 from nemo_adapt.peft.virtual_tokens import mark_model_parallel_shared, model_device, seeded, sharded_params
+from nemo_adapt.validation import check_positive
 
 
 @dataclass

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nemo_adapt.config.schema import check_choice, check_positive
 from nemo_adapt.errors import ConfigError
 from nemo_adapt.peft.base import PeftConfig, PeftMethod, mark_adapter, name_seed, register_peft
 from nemo_adapt.peft.virtual_tokens import VirtualPrompt, model_device
+from nemo_adapt.validation import check_choice, check_positive
 
 PROMPT_INITS = ("random", "vocab", "text")
 
