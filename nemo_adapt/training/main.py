@@ -1,9 +1,12 @@
-"""`nemo-adapt run RECIPE [key=value ...]`: the training entry, top to bottom.
+"""`nemo-adapt run RECIPE [key=value ...]`: the training entry, top to bottom (`run`, then one function each).
 
-    setup     check every input, start process groups, data, model + PEFT, optimizer, resume
-    train     Megatron-Core schedule per step; log, validate, checkpoint, stop on a signal
-    evaluate  test split: adapted model vs prompt-only baseline (exact match)
-    cleanup   final checkpoint, the adapter (PEFT) or model/ (full fine-tuning), results, loss curve, W&B finish
+    setup     check every input, start process groups, data, model + PEFT, optimizer, resume   `_setup`
+    train     Megatron-Core schedule per step; log, validate, checkpoint, stop on a signal      `_train`
+    evaluate  final checkpoint, the adapter (PEFT) or model/ (full fine-tuning), test split:     `_evaluate`
+              adapted model vs prompt-only baselines
+    results   results.json and the console summary                                              `_write_results`
+    cleanup   logger closed (loss curve, W&B finish with the exit code), signal handlers         `run`'s finally
+              restored, process groups destroyed — also when a step raises
 
 Runs as one process or under torchrun/srun (one process per GPU, or per CPU rank over gloo).
 """
@@ -14,7 +17,10 @@ import json
 import os
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,29 +80,108 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def run(recipe: str, overrides: list[str]) -> int:
-    from nemo_adapt.config import config_to_dict, load_recipe, resolve_run_dir, save_resolved
-    from nemo_adapt.data import build_datasets
-    from nemo_adapt.data.dataset import data_summary, print_data_report
-    from nemo_adapt.data.formats import load_records
-    from nemo_adapt.eval.cli import baseline_records
-    from nemo_adapt.eval.metrics import task_score
-    from nemo_adapt.eval.runner import evaluate_baselines, evaluate_task, write_predictions
-    from nemo_adapt.logging import RunLogger
-    from nemo_adapt.models.builder import BuildOptions
-    from nemo_adapt.models.loader import base_fingerprint, load_model_chunks
-    from nemo_adapt.parallel import runtime
-    from nemo_adapt.peft.base import adapters_disabled, apply_peft, trainable_parameters
-    from nemo_adapt.peft.virtual_tokens import unwrap
-    from nemo_adapt.tokenizer import load_tokenizer
-    from nemo_adapt.training import checkpoint as ckpt
-    from nemo_adapt.training import engine, resume
-    from nemo_adapt.training.signals import EXIT_REQUEUE, PreemptionHandler, RunInterrupted
+@dataclass
+class _Run:
+    """What the phases of one run share, built by `_setup` (names as in the recipe: cfg.run, cfg.data, ...)."""
 
-    # ---------------------------------------------------------------- setup
+    cfg: Any
+    info: Any                # runtime.RuntimeInfo: ranks and the data-parallel size
+    run_dir: Path
+    source: Any              # the opened base checkpoint (spec, tokenizer, location)
+    tokenizer: Any
+    data: Any                # the tokenized splits, their fingerprints and stats
+    chunks: list             # one GPTModel per virtual-pipeline stage this rank holds
+    ddp: list                # the chunks wrapped for data parallelism (what the optimizer steps)
+    optimizer: Any
+    method: Any              # the PEFT method applied (None: full fine-tuning)
+    plan: Any                # engine.BatchPlan
+    steps: Any               # engine.StepData: which samples each step reads
+    logger: Any              # logging.RunLogger
+    preemption: Any          # training.signals.PreemptionHandler
+    fingerprint: str         # the base model's
+    layout: dict
+    settings: dict           # resume-relevant settings, as recorded in each checkpoint
+    n_trainable: int
+    total_steps: int
+    coverage: dict
+    latest: Path | None      # the checkpoint this run resumed from
+    step: int = 0
+    consumed: int = 0        # samples consumed so far: the data position, exact across batch-size changes
+    tokens_seen: int = 0     # non-padding training tokens so far
+    adapter_dir: Path | None = None  # written at the end: adapter/ (PEFT) ...
+    model_dir: Path | None = None    # ... or model/ (full fine-tuning)
+
+    @property
+    def main_rank(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def trainable_only(self) -> bool:
+        return self.cfg.peft.method != "none"
+
+
+def run(recipe: str, overrides: list[str]) -> int:
+    """Train (and evaluate) a recipe: setup -> train -> evaluate -> write results, with cleanup in `finally`.
+
+    Returns:
+        0 when done; `EXIT_REQUEUE` after a checkpoint on SIGTERM/SIGUSR1 (Slurm requeues); the signal's exit code
+        when interrupted before training; 1 when training failed (traceback, then one `error:` line on stderr).
+
+    Raises:
+        NemoAdaptError (ConfigError, CheckpointError, ...): bad input, before training where it can be known;
+            the CLI prints it as one line (exit 2). The logger is closed and the process groups destroyed either way.
+    """
+    from nemo_adapt.config import load_recipe, resolve_run_dir
+    from nemo_adapt.errors import NemoAdaptError
+    from nemo_adapt.parallel import runtime
+    from nemo_adapt.training.signals import PreemptionHandler, RunInterrupted
+
+    # Everything that can be checked without process groups or weights, first.
     cfg = load_recipe(recipe, overrides)
     source, start_adapter = preflight(cfg, _world_size())
     run_dir = resolve_run_dir(cfg)
+    resume_from = _resume_point(cfg, run_dir)
+    preemption = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
+    p = cfg.parallel
+    info = runtime.initialize(runtime.ParallelLayout(tensor=p.tensor, pipeline=p.pipeline,
+                                                     virtual_pipeline=p.virtual_pipeline, context=p.context,
+                                                     sequence_parallel=p.sequence_parallel), seed=cfg.run.seed)
+    r, exit_code = None, 1
+    try:
+        r = _setup(cfg, info, run_dir, source, start_adapter, resume_from, preemption)
+        exit_code = _train(r)
+        results = _evaluate(r) if exit_code == 0 else {}
+        if r.main_rank:
+            _write_results(r, results, exit_code)
+        return exit_code
+    except RunInterrupted as err:  # a signal during data preparation: nothing to checkpoint yet
+        print(f"nemo-adapt run: {err}", file=sys.stderr, flush=True)
+        exit_code = err.exit_code
+        return exit_code
+    except NemoAdaptError:
+        raise
+    except Exception as err:  # a fault, not bad input: the traceback for whoever debugs it, then one line
+        traceback.print_exc()
+        where = f"at step {r.step} of {r.total_steps}" if r is not None else "during setup"
+        last = f"; checkpoint {r.latest.name} resumes the run" if r is not None and r.latest is not None else ""
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        print(f"nemo-adapt run: error: training failed {where}: {type(err).__name__}: {first_line}{last}",
+              file=sys.stderr, flush=True)
+        exit_code = 1
+        return exit_code
+    finally:
+        if r is not None:
+            r.logger.close(exit_code)  # W&B marks the run failed on a non-zero code
+        preemption.restore()
+        runtime.shutdown()
+
+
+def _resume_point(cfg, run_dir: Path) -> tuple:
+    """(latest checkpoint, its state, the recipe's resume settings, changes accepted) — a resume that would silently
+    change the run is refused here, before any expensive work."""
+    from nemo_adapt.training import checkpoint as ckpt
+    from nemo_adapt.training import resume
+
     latest = ckpt.latest_checkpoint(run_dir) if run_dir.exists() else None
     if latest is not None and cfg.checkpoint.resume == "never":
         raise ConfigError(f"run directory {str(run_dir)!r} already holds checkpoint {latest.name} and "
@@ -104,66 +189,82 @@ def run(recipe: str, overrides: list[str]) -> int:
     state = ckpt.read_state(latest) if latest is not None else None
     settings, accepted = resume.resume_settings(cfg), []
     if state is not None:
-        # Before any expensive work: a resume that would silently change the run is refused here.
-        # A run length in steps is known now; one in epochs only with the data (checked below).
+        # A run length in steps is known now; one in epochs only with the data (checked in `_setup`).
         sched = resume.schedule_change(state.schedule, state.settings, cfg, state.step, cfg.run.max_steps) \
             if cfg.run.max_steps else None
         accepted = resume.check_settings(state.settings, settings, cfg.checkpoint.resume_changes, str(latest),
                                          schedule=sched)
-    preemption = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
+    return latest, state, settings, accepted
 
-    p = cfg.parallel
-    info = runtime.initialize(runtime.ParallelLayout(tensor=p.tensor, pipeline=p.pipeline,
-                                                     virtual_pipeline=p.virtual_pipeline, context=p.context,
-                                                     sequence_parallel=p.sequence_parallel), seed=cfg.run.seed)
-    main_rank = info.rank == 0
 
-    tokenizer = load_tokenizer(source.tokenizer_path)
-    # Rank 0 tokenizes and fills the cache; the others then read it (same fingerprint). SIGTERM/SIGINT
-    # here end the run at once (nothing to checkpoint yet; the run directory does not exist yet).
-    try:
-        with preemption.interrupt_on_signal("data preparation"):
-            if main_rank:
-                print(f"preparing data: data.train={cfg.data.train!r}", flush=True)
-                data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
-            dist.barrier()
-            if not main_rank:
-                data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
-    except RunInterrupted as err:
-        print(f"nemo-adapt run: {err}", file=sys.stderr, flush=True)
-        preemption.restore()
-        runtime.shutdown()
-        return err.exit_code
+def _prepare_data(cfg, tokenizer, main_rank: bool, preemption):
+    """Rank 0 tokenizes and fills the cache; the others then read it (same fingerprint). SIGTERM/SIGINT here end
+    the run at once (RunInterrupted: nothing to checkpoint yet, and the run directory does not exist yet)."""
+    from nemo_adapt.data import build_datasets
+    from nemo_adapt.data.dataset import print_data_report
+
+    with preemption.interrupt_on_signal("data preparation"):
+        if main_rank:
+            print(f"preparing data: data.train={cfg.data.train!r}", flush=True)
+            data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
+        dist.barrier()
+        if not main_rank:
+            data = build_datasets(cfg.data, tokenizer, cfg.run.seed)
     if main_rank:
         print_data_report(data)  # stats per split, and a warning naming any skipped records
-    seq = cfg.data.seq_length
+    return data
 
-    dtype = engine.resolve_dtype(cfg.train.precision)
-    options = BuildOptions(params_dtype=dtype, sequence_parallel=p.sequence_parallel, recompute=p.recompute,
+
+def _build_model(cfg, source, tokenizer, start_adapter, resuming: bool, main_rank: bool):
+    """(chunks, source, PEFT method or None): the base as Megatron-Core chunks with the PEFT transform applied,
+    and `peft.init_from`'s weights loaded unless a checkpoint will be (a resume continues from it instead)."""
+    from nemo_adapt.models.builder import BuildOptions
+    from nemo_adapt.models.loader import load_model_chunks
+    from nemo_adapt.peft.base import apply_peft
+    from nemo_adapt.training import engine
+
+    p = cfg.parallel
+    options = BuildOptions(params_dtype=engine.resolve_dtype(cfg.train.precision),
+                           sequence_parallel=p.sequence_parallel, recompute=p.recompute,
                            fp8=cfg.train.precision == "fp8", packed_sequences=cfg.data.packing,
                            context_parallel=p.context)
     # One chunk per virtual-pipeline stage this rank holds (one without an interleaved pipeline).
     chunks, source = load_model_chunks(source, options=options)
-    spec = source.spec
     chunks[0].config.calculate_per_token_loss = True  # one TransformerConfig, shared by the chunks
     methods = [apply_peft(c, cfg.peft, seed=cfg.run.seed, tokenizer=tokenizer) for c in chunks]
-    method = methods[0]
-    if start_adapter is not None and state is None:  # a resume continues from its checkpoint instead
+    if start_adapter is not None and not resuming:
         from nemo_adapt.artifacts.adapter import apply_adapter
 
         apply_adapter(chunks, start_adapter)
         if main_rank:
             print(f"adapter starts from peft.init_from={cfg.peft.init_from!r} ({start_adapter.files.format}, "
                   f"{len(start_adapter.tensors)} tensors)", flush=True)
+    return chunks, source, methods[0]
+
+
+def _setup(cfg, info, run_dir: Path, source, start_adapter, resume_from: tuple, preemption) -> _Run:
+    """Data, model + PEFT, optimizer, the resumed checkpoint; then (only then) the run directory and the logger."""
+    from nemo_adapt.config import config_to_dict, save_resolved
+    from nemo_adapt.data.dataset import data_summary
+    from nemo_adapt.logging import RunLogger
+    from nemo_adapt.models.loader import base_fingerprint
+    from nemo_adapt.peft.base import trainable_parameters
+    from nemo_adapt.tokenizer import load_tokenizer
+    from nemo_adapt.training import checkpoint as ckpt
+    from nemo_adapt.training import engine, resume
+
+    latest, state, settings, accepted = resume_from
+    main_rank, p = info.rank == 0, cfg.parallel
+    tokenizer = load_tokenizer(source.tokenizer_path)
+    data = _prepare_data(cfg, tokenizer, main_rank, preemption)
+    chunks, source, method = _build_model(cfg, source, tokenizer, start_adapter, state is not None, main_rank)
     n_trainable = _sum_over_model_parallel(trainable_parameters(chunks, unique=True))
     ddp = engine.wrap_ddp(chunks, cfg)
     optimizer = engine.build_optimizer(ddp, cfg, method.lr_multipliers() if method else None)
     engine.connect_schedule_hooks(ddp, optimizer)
-    packed = cfg.data.packing
 
     plan = engine.BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, info.data_parallel)
     steps = engine.StepData(data.train, plan, cfg.run.seed)
-    # The data position is a sample count: it stays exact if the global batch size changed.
     start_step, consumed = (state.step, state.consumed_samples) if state else (0, 0)
     total_steps = cfg.run.max_steps or start_step + steps.steps_for_epochs(cfg.run.max_epochs, consumed)
     if state is not None and not cfg.run.max_steps:  # a run length in epochs must not re-shape the LR schedule
@@ -172,11 +273,9 @@ def run(recipe: str, overrides: list[str]) -> int:
     if data.validation is not None and len(data.validation) < plan.global_batch_size:
         raise ConfigError(f"the validation split has {len(data.validation)} rows, fewer than "
                           f"train.global_batch_size={plan.global_batch_size}")
-    trainable_only = cfg.peft.method != "none"
     fingerprint = base_fingerprint(source)
     layout = {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
               "context": p.context, "data": info.data_parallel}
-
     tokens_seen = 0
     if state is not None:
         if state.base_model_fingerprint != fingerprint:
@@ -189,7 +288,7 @@ def run(recipe: str, overrides: list[str]) -> int:
         if state.data_fingerprint != new_data:
             accepted += resume.check_settings(None, settings, cfg.checkpoint.resume_changes, str(latest),
                                               data_changed=(state.data_fingerprint, new_data))
-        ckpt.load_checkpoint(latest, ddp, optimizer, trainable_only, same_layout=state.layout == layout)
+        ckpt.load_checkpoint(latest, ddp, optimizer, cfg.peft.method != "none", same_layout=state.layout == layout)
         tokens_seen = state.tokens_seen
         if accepted and main_rank:
             print(_describe_changes(accepted, state, cfg, start_step, total_steps), flush=True)
@@ -204,7 +303,6 @@ def run(recipe: str, overrides: list[str]) -> int:
         ckpt.clean_interrupted(run_dir)
         save_resolved(cfg, run_dir / "config.yaml")
     dist.barrier()
-
     logger = RunLogger(cfg.logging, run_dir, cfg.run.name, config_to_dict(cfg), is_main=main_rank,
                        total_steps=total_steps, start_step=start_step)
     if main_rank:
@@ -218,111 +316,141 @@ def run(recipe: str, overrides: list[str]) -> int:
             if accepted:
                 logger.event("resume_changes", step=start_step, changes=[
                     {"key": k, "checkpoint": o, "recipe": n} for k, o, n in accepted])
+    return _Run(cfg=cfg, info=info, run_dir=run_dir, source=source, tokenizer=tokenizer, data=data, chunks=chunks,
+                ddp=ddp, optimizer=optimizer, method=method, plan=plan, steps=steps, logger=logger,
+                preemption=preemption, fingerprint=fingerprint, layout=layout, settings=settings,
+                n_trainable=n_trainable, total_steps=total_steps, coverage=coverage, latest=latest,
+                step=start_step, consumed=consumed, tokens_seen=tokens_seen)
 
-    def save(step: int) -> Path:
-        state = ckpt.TrainState(step=step, consumed_samples=consumed, epoch=steps.epoch_of(consumed),
-                                tokens_seen=tokens_seen, layout=layout, peft_method=cfg.peft.method,
-                                data_fingerprint=data.fingerprint["combined"], base_model_fingerprint=fingerprint,
-                                seed=cfg.run.seed, schedule=resume.schedule_record(cfg, total_steps),
-                                settings=settings)
-        return ckpt.save_checkpoint(run_dir, ddp, optimizer, state, trainable_only, cfg.checkpoint.keep_last)
 
-    # ---------------------------------------------------------------- train
-    exit_code = 0
-    step = start_step
-    while step < total_steps:
+def _save(r: _Run) -> Path:
+    """A checkpoint of the run as it stands (`r.latest` then names it)."""
+    from nemo_adapt.training import checkpoint as ckpt
+    from nemo_adapt.training import resume
+
+    cfg = r.cfg
+    state = ckpt.TrainState(step=r.step, consumed_samples=r.consumed, epoch=r.steps.epoch_of(r.consumed),
+                            tokens_seen=r.tokens_seen, layout=r.layout, peft_method=cfg.peft.method,
+                            data_fingerprint=r.data.fingerprint["combined"], base_model_fingerprint=r.fingerprint,
+                            seed=cfg.run.seed, schedule=resume.schedule_record(cfg, r.total_steps),
+                            settings=r.settings)
+    r.latest = ckpt.save_checkpoint(r.run_dir, r.ddp, r.optimizer, state, r.trainable_only, cfg.checkpoint.keep_last)
+    return r.latest
+
+
+def _train(r: _Run) -> int:
+    """Megatron-Core's schedule, one global batch per step: log, validate, checkpoint, and on a signal checkpoint
+    and stop. Returns 0 when the run reached its last step, EXIT_REQUEUE when a signal stopped it."""
+    from nemo_adapt.training import engine
+    from nemo_adapt.training.signals import EXIT_REQUEUE
+
+    cfg, seq, packed = r.cfg, r.cfg.data.seq_length, r.cfg.data.packing
+    while r.step < r.total_steps:
         t0 = time.perf_counter()
-        batches = steps.microbatches(consumed, info.dp_rank)
-        lr = engine.lr_at(step, cfg, total_steps)
-        loss, grad_norm, _ = engine.train_step(ddp, optimizer, batches, seq, plan.micro_batch_size, lr, packed)
+        batches = r.steps.microbatches(r.consumed, r.info.dp_rank)
+        lr = engine.lr_at(r.step, cfg, r.total_steps)
+        loss, grad_norm, _ = engine.train_step(r.ddp, r.optimizer, batches, seq, r.plan.micro_batch_size, lr, packed)
         dt = time.perf_counter() - t0
         if dt < _MIN_STEP_SECONDS:  # test pacing only (see _MIN_STEP_SECONDS)
             time.sleep(_MIN_STEP_SECONDS - dt)
         # Non-padding tokens of the whole global batch: this rank's count x DP ranks (equal shares).
-        step_tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches) * info.data_parallel
-        tokens_seen += step_tokens
-        step += 1
-        consumed += plan.global_batch_size
-        if step % cfg.run.log_interval == 0 or step == total_steps:
-            logger.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                              "train/tokens_per_s": step_tokens / dt, "train/step_time_s": dt,
-                              "train/trainable_params": n_trainable, "train/peak_memory_gib": _peak_memory_gib(),
-                              "train/tokens_seen": tokens_seen})
-        if data.validation is not None and cfg.run.eval_interval and step % cfg.run.eval_interval == 0:
-            logger.log(step, {"val/loss": engine.validation_loss(ddp, data.validation, plan, info.dp_rank, seq,
-                                                                 cfg.run.eval_batches, packed)})
-        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < total_steps:
-            save(step)
-        if preemption.requested():
-            path = save(step)
-            logger.event("preempted", step=step, signal=preemption.signal_name or "peer", checkpoint=path.name)
-            exit_code = EXIT_REQUEUE
-            break
+        step_tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches) * r.info.data_parallel
+        r.tokens_seen += step_tokens
+        r.step += 1
+        r.consumed += r.plan.global_batch_size
+        if r.step % cfg.run.log_interval == 0 or r.step == r.total_steps:
+            r.logger.log(r.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                  "train/tokens_per_s": step_tokens / dt, "train/step_time_s": dt,
+                                  "train/trainable_params": r.n_trainable, "train/peak_memory_gib": _peak_memory_gib(),
+                                  "train/tokens_seen": r.tokens_seen})
+        if r.data.validation is not None and cfg.run.eval_interval and r.step % cfg.run.eval_interval == 0:
+            r.logger.log(r.step, {"val/loss": engine.validation_loss(r.ddp, r.data.validation, r.plan, r.info.dp_rank,
+                                                                     seq, cfg.run.eval_batches, packed)})
+        if cfg.checkpoint.save_interval and r.step % cfg.checkpoint.save_interval == 0 and r.step < r.total_steps:
+            _save(r)
+        if r.preemption.requested():
+            path = _save(r)
+            r.logger.event("preempted", step=r.step, signal=r.preemption.signal_name or "peer", checkpoint=path.name)
+            return EXIT_REQUEUE
+    return 0
 
-    # ---------------------------------------------------------------- evaluate
-    results = {}
-    adapter_dir = model_dir = None
+
+def _evaluate(r: _Run) -> dict:
+    """The final checkpoint and artifact (adapter/ or model/), the validation loss, and the test split: the
+    adapted model, and for PEFT the prompt-only baselines with adapters bypassed. Returns {label: result}."""
+    from nemo_adapt.data.formats import load_records
+    from nemo_adapt.eval.cli import baseline_records
+    from nemo_adapt.eval.metrics import task_score
+    from nemo_adapt.eval.runner import evaluate_baselines, evaluate_task, write_predictions
+    from nemo_adapt.peft.base import adapters_disabled
+    from nemo_adapt.peft.virtual_tokens import unwrap
+    from nemo_adapt.training import engine
+
+    cfg, results = r.cfg, {}
     # The bare GPTModel chunks (inside DDP and Float16Module): what generation and artifacts walk.
-    module = [unwrap(c) for c in ddp] if len(ddp) > 1 else unwrap(ddp[0])
-    if exit_code == 0:
-        save(step)
-        if trainable_only:
-            from nemo_adapt.artifacts.adapter import save_adapter
+    module = [unwrap(c) for c in r.ddp] if len(r.ddp) > 1 else unwrap(r.ddp[0])
+    _save(r)
+    if r.trainable_only:
+        from nemo_adapt.artifacts.adapter import save_adapter
 
-            adapter_dir = save_adapter(module, run_dir / "adapter", cfg.peft, {
-                "base_model": spec.name, "base_checkpoint": source.location,
-                "base_model_fingerprint": fingerprint, "data_fingerprint": data.fingerprint["combined"],
-                "run": cfg.run.name, "step": step})
-        else:
-            model_dir = _export_model(module, spec, source, run_dir, main_rank)
-        if data.validation is not None:
-            logger.log(step, {"val/loss": engine.validation_loss(ddp, data.validation, plan, info.dp_rank, seq,
-                                                                 cfg.run.eval_batches, packed)})
-        if cfg.eval.enabled and cfg.data.test:
-            d = cfg.data
-            # The adapted model is asked the way it was trained; the baseline gets the records' own
-            # instructions (they differ only with data.replace_system_prompt).
-            test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt,
-                                max_record_bytes=d.max_record_bytes, key="data.test")
-            results["adapted"] = evaluate_task(module, tokenizer, spec, test, cfg.eval, label="adapted",
-                                               over_length=d.over_length)
-            if trainable_only and cfg.eval.baseline:
-                baseline_test, train_records = baseline_records(cfg)
-                with adapters_disabled(module):
-                    results.update(evaluate_baselines(module, tokenizer, spec, baseline_test, train_records, cfg.eval,
-                                                      cfg.run.seed, over_length=d.over_length))
-            if main_rank:  # every record's prediction, for error analysis; results.json stays compact
-                results = {k: write_predictions(v, run_dir / f"predictions_{k}.jsonl") for k, v in results.items()}
-            summary = {f"eval/{k}_exact_match": v["exact_match"] for k, v in results.items()}
-            summary.update({f"eval/{k}_{cfg.eval.metric}": task_score(v["metrics"], cfg.eval.metric)
-                            for k, v in results.items()})
-            logger.update_summary(summary)
+        r.adapter_dir = save_adapter(module, r.run_dir / "adapter", cfg.peft, {
+            "base_model": r.source.spec.name, "base_checkpoint": r.source.location,
+            "base_model_fingerprint": r.fingerprint, "data_fingerprint": r.data.fingerprint["combined"],
+            "run": cfg.run.name, "step": r.step})
+    else:
+        r.model_dir = _export_model(module, r.source.spec, r.source, r.run_dir, r.main_rank)
+    if r.data.validation is not None:
+        r.logger.log(r.step, {"val/loss": engine.validation_loss(r.ddp, r.data.validation, r.plan, r.info.dp_rank,
+                                                                 cfg.data.seq_length, cfg.run.eval_batches,
+                                                                 cfg.data.packing)})
+    if not (cfg.eval.enabled and cfg.data.test):
+        return results
+    d = cfg.data
+    # The adapted model is asked the way it was trained; the baseline gets the records' own instructions (they
+    # differ only with data.replace_system_prompt).
+    test = load_records(d.test, d.format, d.on_bad_record, d.system_prompt, d.replace_system_prompt,
+                        max_record_bytes=d.max_record_bytes, key="data.test")
+    results["adapted"] = evaluate_task(module, r.tokenizer, r.source.spec, test, cfg.eval, label="adapted",
+                                       over_length=d.over_length)
+    if r.trainable_only and cfg.eval.baseline:
+        baseline_test, train_records = baseline_records(cfg)
+        with adapters_disabled(module):
+            results.update(evaluate_baselines(module, r.tokenizer, r.source.spec, baseline_test, train_records,
+                                              cfg.eval, cfg.run.seed, over_length=d.over_length))
+    if r.main_rank:  # every record's prediction, for error analysis; results.json stays compact
+        results = {k: write_predictions(v, r.run_dir / f"predictions_{k}.jsonl") for k, v in results.items()}
+    summary = {f"eval/{k}_exact_match": v["exact_match"] for k, v in results.items()}
+    summary.update({f"eval/{k}_{cfg.eval.metric}": task_score(v["metrics"], cfg.eval.metric)
+                    for k, v in results.items()})
+    r.logger.update_summary(summary)
+    return results
 
-    # ---------------------------------------------------------------- cleanup
-    if main_rank:
-        final = ckpt.latest_checkpoint(run_dir)
-        record = {"step": step, "total_steps": total_steps, "exit_code": exit_code, "tokens_seen": tokens_seen,
-                  "trainable_params": n_trainable, "base_params": spec.num_parameters(),
-                  "checkpoint": final.name if final else None,
-                  "checkpoint_bytes": _dir_bytes(final) if final else None,
-                  "base_checkpoint_bytes": _dir_bytes(Path(source.location)),
-                  "base_fp32_bytes": 4 * spec.num_parameters(),
-                  "adapter_bytes": _dir_bytes(adapter_dir) if adapter_dir else None,
-                  "model_dir": str(model_dir) if model_dir else None,
-                  "model_bytes": _dir_bytes(model_dir) if model_dir else None, "eval": results,
-                  "data": {"fingerprint": data.fingerprint["combined"], "stats": data.stats,
-                           "consumed_samples": consumed, "coverage": coverage},
-                  "base_model_fingerprint": fingerprint, "layout": layout,
-                  # What Megatron actually ran with (not only what the recipe asked for).
-                  "megatron": {"sequence_parallel": bool(chunks[0].config.sequence_parallel),
-                               "params_dtype": str(chunks[0].config.params_dtype).removeprefix("torch."),
-                               "fp8": chunks[0].config.fp8, "model_chunks": len(chunks)}}
-        (run_dir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        _print_results(results, run_dir, record, cfg.eval.metric)
-    logger.close(exit_code)
-    preemption.restore()
-    runtime.shutdown()
-    return exit_code
+
+def _write_results(r: _Run, results: dict, exit_code: int) -> None:
+    """results.json (what ran, on what, with what outcome and sizes) and the console summary; main rank only."""
+    from nemo_adapt.training import checkpoint as ckpt
+
+    spec, final = r.source.spec, ckpt.latest_checkpoint(r.run_dir)
+    adapter_dir, model_dir = r.adapter_dir, r.model_dir
+    config = r.chunks[0].config
+    record = {"step": r.step, "total_steps": r.total_steps, "exit_code": exit_code, "tokens_seen": r.tokens_seen,
+              "trainable_params": r.n_trainable, "base_params": spec.num_parameters(),
+              "checkpoint": final.name if final else None,
+              "checkpoint_bytes": _dir_bytes(final) if final else None,
+              "base_checkpoint_bytes": _dir_bytes(Path(r.source.location)),
+              "base_fp32_bytes": 4 * spec.num_parameters(),
+              "adapter_bytes": _dir_bytes(adapter_dir) if adapter_dir else None,
+              "model_dir": str(model_dir) if model_dir else None,
+              "model_bytes": _dir_bytes(model_dir) if model_dir else None, "eval": results,
+              "data": {"fingerprint": r.data.fingerprint["combined"], "stats": r.data.stats,
+                       "consumed_samples": r.consumed, "coverage": r.coverage},
+              "base_model_fingerprint": r.fingerprint, "layout": r.layout,
+              # What Megatron actually ran with (not only what the recipe asked for).
+              "megatron": {"sequence_parallel": bool(config.sequence_parallel),
+                           "params_dtype": str(config.params_dtype).removeprefix("torch."),
+                           "fp8": config.fp8, "model_chunks": len(r.chunks)}}
+    (r.run_dir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    _print_results(results, r.run_dir, record, r.cfg.eval.metric)
 
 
 def _describe_changes(changes, state, cfg, start_step: int, total_steps: int) -> str:
