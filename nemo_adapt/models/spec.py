@@ -131,6 +131,25 @@ class ModelSpec:
         emb = self.vocab_size * h
         return self.num_layers * per_layer + h + emb * (1 if self.tie_word_embeddings else 2)
 
+    def linear_shape(self, target: str) -> tuple[int, int]:
+        """(in_features, out_features) of a Megatron-Core linear layer, unsharded.
+
+        linear_qkv: [h -> (a + 2g)d] (fused Q, K, V); linear_proj: [a*d -> h];
+        linear_fc1: [h -> 2*ffn] (fused SwiGLU gate and up); linear_fc2: [ffn -> h].
+
+        Raises:
+            KeyError: `target` is not one of the four.
+        """
+        h, d, f = self.hidden_size, self.kv_channels, self.ffn_hidden_size
+        a, g = self.num_attention_heads, self.num_query_groups
+        return {"linear_qkv": (h, (a + 2 * g) * d), "linear_proj": (a * d, h),
+                "linear_fc1": (h, 2 * f), "linear_fc2": (f, h)}[target]
+
+    def local_kv_heads(self, tp: int) -> int:
+        """KV heads per tensor-parallel rank; Megatron-Core replicates KV heads when TP exceeds their number."""
+        g = self.num_query_groups
+        return g // tp if g % tp == 0 else 1
+
     def replace(self, **changes) -> ModelSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -198,6 +198,25 @@ class Adapter(PeftMethod):
                   "adapter artifact with nemo-adapt, or train LoRA, DoRA or IA3 for a merged model")
 
     @classmethod
+    def parameter_counts(cls, config, spec):
+        """Per layer and placement a down projection h x bn and an up projection bn x h (2 h bn), plus biases
+        bn + h when `bias`. E.g. llama3_8b, bn 32, both placements: 64 x 266,272."""
+        h, bn, layers = spec.hidden_size, config.bottleneck, spec.num_layers
+        comps = {}
+        for placement in config.placements:
+            comps[f"adapter_{placement}.weights"] = layers * 2 * h * bn
+            if config.bias:
+                comps[f"adapter_{placement}.biases"] = layers * (bn + h)
+        return comps, dict(comps)
+
+    @classmethod
+    def rank_parameter_counts(cls, config, spec, tp):
+        """The bottleneck is split over TP (down column-parallel, up row-parallel); the up bias is replicated."""
+        h, bn = spec.hidden_size, config.bottleneck
+        per_placement = 2 * h * bn / tp + ((bn / tp + h) if config.bias else 0)
+        return len(config.placements) * per_placement, 0.0, 0.0
+
+    @classmethod
     def to_hf_peft(cls, config, tensors, spec):
         """Houlsby adapters are extra non-linear layers: HF PEFT has no such adapter type and they cannot be
         folded into the base's linear weights."""

@@ -67,6 +67,38 @@ class PeftMethod:
     tokenizer = None
     """The model's tokenizer, for methods initialised from text (set by `apply_peft`; may stay None)."""
 
+    # ---- what the method costs: the planner asks these (no other module keeps a method's formulas)
+
+    @classmethod
+    def parameter_counts(cls, config: PeftConfig, spec) -> tuple[dict[str, int], dict[str, int]]:
+        """Trainable parameters on the whole model (no sharding), by component, in closed form.
+
+        Args:
+            config: the method's validated config.
+            spec: `models.spec.ModelSpec`.
+
+        Returns:
+            (while training, in the saved adapter): {component: parameters}. They differ where training uses
+            what is not saved (a p-tuning encoder, a prefix-tuning reparameterisation).
+
+        Raises:
+            ConfigError: the config does not fit the model (e.g. a layer index beyond it).
+        """
+        raise NotImplementedError(f"PEFT method {cls.name!r} does not state its parameter counts")
+
+    @classmethod
+    def rank_parameter_counts(cls, config: PeftConfig, spec, tp: int) -> tuple[float, float, float]:
+        """Trainable parameters one tensor-parallel rank holds while training: (per transformer layer, extra on
+        the first pipeline stage, extra on every stage). At tp=1, num_layers * per_layer + first + every equals
+        the training total of `parameter_counts`."""
+        raise NotImplementedError(f"PEFT method {cls.name!r} does not state its per-rank parameter counts")
+
+    @classmethod
+    def context_tokens(cls, config: PeftConfig) -> int:
+        """Tokens the method prepends to every sequence (prompt and p-tuning's virtual tokens): the model then
+        processes seq_length + this many positions. 0 for methods that leave the sequence as it is."""
+        return 0
+
     def __init__(self, config: PeftConfig):
         self.config = config
 

@@ -217,6 +217,7 @@ class DoRA(LoRA):
     paper = "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv:2402.09353"
     resume_safe_fields = (*LoRA.resume_safe_fields, "detach_norm")
     training_fields = (*LoRA.training_fields, "detach_norm")
+    has_magnitude = True
 
     @classmethod
     def to_hf_peft(cls, config, tensors, spec):

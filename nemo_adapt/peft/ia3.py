@@ -189,6 +189,21 @@ class IA3(PeftMethod):
              "In-Context Learning, arXiv:2205.05638")
     merges_into_base = True  # key/value rows of linear_qkv scaled, linear_fc2's input columns scaled
 
+    @classmethod
+    def parameter_counts(cls, config, spec):
+        """Per layer one vector per target: keys g*d, values g*d, the FFN activation f (llama3_8b: 16,384)."""
+        widths = {"keys": spec.num_query_groups * spec.kv_channels,
+                  "values": spec.num_query_groups * spec.kv_channels, "ffn": spec.ffn_hidden_size}
+        comps = {f"ia3.{t}": spec.num_layers * widths[t] for t in config.targets}
+        return comps, dict(comps)
+
+    @classmethod
+    def rank_parameter_counts(cls, config, spec, tp):
+        """The vectors follow their heads (local KV heads x d) and FFN columns (f / t)."""
+        kv = spec.local_kv_heads(tp) * spec.kv_channels
+        widths = {"keys": kv, "values": kv, "ffn": spec.ffn_hidden_size / tp}
+        return float(sum(widths[t] for t in config.targets)), 0.0, 0.0
+
     # Our vector -> (HF module path under a decoder layer, whether HF PEFT treats it as feedforward).
     HF_TARGETS = {"keys": ("self_attn.k_proj", False), "values": ("self_attn.v_proj", False),
                   "ffn": ("mlp.down_proj", True)}

@@ -7,6 +7,7 @@ the base model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -265,6 +266,44 @@ class LoRA(PeftMethod):
     resume_safe_fields = ("alpha", "dropout", "lr_ratio_b")
     training_fields = ("dropout", "lr_ratio_b")
     merges_into_base = True  # W + s B A (DoRA: m / ||W + s B A||_c * (W + s B A))
+    has_magnitude: ClassVar[bool] = False
+    """DoRA adds a magnitude vector of `out` per target (counted by the same formulas)."""
+
+    @classmethod
+    def parameter_counts(cls, config, spec):
+        """Per adapted layer and target r * (in + out) (A is r x in, B is out x r; `ModelSpec.linear_shape`),
+        plus `out` for DoRA's magnitude. E.g. llama3_8b, rank 16, all four targets: 16 x 69,632 x 32 layers."""
+        layers = spec.num_layers if config.layers is None else len(config.layers)
+        if config.layers is not None and max(config.layers) >= spec.num_layers:
+            raise ConfigError(f"peft.layers={list(config.layers)}: {spec.name} has layers 0..{spec.num_layers - 1}")
+        comps = {}
+        for target in config.target_modules:
+            fan_in, fan_out = spec.linear_shape(target)
+            comps[f"{target}.lora_A"] = layers * config.rank * fan_in
+            comps[f"{target}.lora_B"] = layers * config.rank * fan_out
+            if cls.has_magnitude:
+                comps[f"{target}.magnitude"] = layers * fan_out
+        return comps, dict(comps)
+
+    @classmethod
+    def rank_parameter_counts(cls, config, spec, tp):
+        """Megatron-Bridge's parallel adapters: on a column-parallel target (qkv, fc1) A (r x in) is replicated
+        and B (out/t x r) split; on a row-parallel one (proj, fc2) A is split (r x in/t) and B replicated.
+        DoRA's magnitude follows the output. linear_qkv's output per rank is (a/t + 2 * local KV heads) x d."""
+        r, per_layer = config.rank, 0.0
+        for target in config.target_modules:
+            fan_in, fan_out = spec.linear_shape(target)
+            if target == "linear_qkv":
+                fan_out = (spec.num_attention_heads // tp + 2 * spec.local_kv_heads(tp)) * spec.kv_channels
+                per_layer += r * fan_in + r * fan_out + (fan_out if cls.has_magnitude else 0)
+            elif target == "linear_fc1":
+                per_layer += r * fan_in + r * fan_out / tp + (fan_out / tp if cls.has_magnitude else 0)
+            else:  # row-parallel: linear_proj, linear_fc2
+                per_layer += r * fan_in / tp + r * fan_out + (fan_out if cls.has_magnitude else 0)
+        if config.layers is not None:
+            # Spread over all layers: exact in total, an average per stage (adapters are ~1% of a stage).
+            per_layer *= len(config.layers) / spec.num_layers
+        return per_layer, 0.0, 0.0
 
     @classmethod
     def check_recipe(cls, config, recipe, spec):

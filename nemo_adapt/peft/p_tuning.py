@@ -109,6 +109,19 @@ class EncodedPrompt(VirtualPrompt):
         return True
 
 
+def lstm_params(input_size: int, hidden_size: int, num_layers: int = 2, bidirectional: bool = True) -> int:
+    """Parameters of `torch.nn.LSTM` with biases: per layer and direction 4H(in + H) + 8H (b_ih and b_hh).
+
+    Layers after the first take 2H inputs when bidirectional.
+    """
+    directions = 2 if bidirectional else 1
+    total = 0
+    for layer in range(num_layers):
+        inp = input_size if layer == 0 else hidden_size * directions
+        total += directions * (4 * hidden_size * (inp + hidden_size) + 8 * hidden_size)
+    return total
+
+
 @register_peft("p_tuning")
 class PTuning(PeftMethod):
     """P-tuning (Liu et al. 2021): virtual tokens from a trainable prompt encoder, first pipeline stage."""
@@ -119,6 +132,31 @@ class PTuning(PeftMethod):
     merge_note = ("its virtual tokens are extra inputs, not a change of any weight; export it as a Hugging Face PEFT "
                   "adapter instead (--format peft, PROMPT_TUNING)")
     paper = "Liu et al. 2021, GPT Understands, Too, arXiv:2103.10385"
+
+    @classmethod
+    def parameter_counts(cls, config, spec):
+        """n_virtual x h saved; while training also the prompt encoder: an MLP of `encoder_layers` Linear layers
+        h -> H -> ... -> h with biases, or an `encoder_layers`-layer bidirectional LSTM h -> H (`lstm_params`)
+        followed by the head Linear 2H -> 2H, ReLU, Linear 2H -> h (NeMo 1 and Hugging Face PEFT). H defaults
+        to h."""
+        h = spec.hidden_size
+        hid = config.encoder_hidden or h
+        saved = {"virtual_tokens": config.num_virtual_tokens * h}
+        if config.encoder == "mlp":
+            encoder = {"encoder.mlp": (h * hid + hid) + (config.encoder_layers - 2) * (hid * hid + hid) + (hid * h + h)}
+        else:
+            encoder = {"encoder.lstm": lstm_params(h, hid, num_layers=config.encoder_layers, bidirectional=True),
+                       "encoder.head": (2 * hid * 2 * hid + 2 * hid) + (2 * hid * h + h)}
+        return {**saved, **encoder}, saved
+
+    @classmethod
+    def rank_parameter_counts(cls, config, spec, tp):
+        """Virtual tokens and encoder sit whole on the first pipeline stage."""
+        return 0.0, float(sum(cls.parameter_counts(config, spec)[0].values())), 0.0
+
+    @classmethod
+    def context_tokens(cls, config):
+        return config.num_virtual_tokens
 
     @classmethod
     def check_recipe(cls, config, recipe, spec) -> None:

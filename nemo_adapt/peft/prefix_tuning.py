@@ -234,6 +234,31 @@ class PrefixTuning(PeftMethod):
     resume_safe_fields = ("init_std",)  # used only when the prefix is created
     training_fields = ("init_std",)
 
+    @classmethod
+    def parameter_counts(cls, config, spec):
+        """Keys and values for every layer on the KV heads: 2 * n_prefix * g * d per layer (saved). With
+        reparameterisation (default) training instead optimises an n_prefix x h embedding and an MLP
+        h -> H -> 2*L*g*d with biases, whose output is what is saved."""
+        n, h = config.num_prefix_tokens, spec.hidden_size
+        kv_width = 2 * spec.num_layers * spec.num_query_groups * spec.kv_channels  # keys + values of every layer
+        saved = {"prefix.keys_values": n * kv_width}
+        if not config.reparameterize:
+            return saved, dict(saved)
+        hid = config.reparam_hidden
+        return {"prefix.embedding": n * h, "prefix.mlp": (h * hid + hid) + (hid * kv_width + kv_width)}, saved
+
+    @classmethod
+    def rank_parameter_counts(cls, config, spec, tp):
+        """Prefixes split by layer and local KV head. Reparameterised: the embedding n x h and the first Linear
+        h -> H are shared by all layers (replicated on every rank); each layer holds its rows of the output
+        Linear (keys and values of its local KV heads, with biases)."""
+        kv = spec.local_kv_heads(tp) * spec.kv_channels
+        if not config.reparameterize:
+            return float(2 * config.num_prefix_tokens * kv), 0.0, 0.0
+        hid = config.reparam_hidden
+        every = float(config.num_prefix_tokens * spec.hidden_size + spec.hidden_size * hid + hid)
+        return float(2 * kv * (hid + 1)), 0.0, every
+
     _encoder: PrefixEncoder | None = None
 
     def _shared_encoder(self, mc) -> PrefixEncoder | None:

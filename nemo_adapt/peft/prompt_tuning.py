@@ -163,6 +163,21 @@ class PromptTuning(PeftMethod):
     training_fields = resume_safe_fields
 
     @classmethod
+    def parameter_counts(cls, config, spec):
+        """One n_virtual x h table for the whole model."""
+        comps = {"virtual_tokens": config.num_virtual_tokens * spec.hidden_size}
+        return comps, dict(comps)
+
+    @classmethod
+    def rank_parameter_counts(cls, config, spec, tp):
+        """The table sits whole on the first pipeline stage."""
+        return 0.0, float(config.num_virtual_tokens * spec.hidden_size), 0.0
+
+    @classmethod
+    def context_tokens(cls, config):
+        return config.num_virtual_tokens
+
+    @classmethod
     def check_recipe(cls, config, recipe, spec) -> None:
         check_virtual_token_recipe(config.num_virtual_tokens, recipe, spec)
 

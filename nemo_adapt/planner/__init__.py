@@ -4,7 +4,8 @@
     result = plan(PlanRequest(model="llama3_70b", method="lora", gpu="h100", nodes=1, gpus_per_node=8))
     result.best.layout, result.best.perf.tokens_per_s_per_gpu
 
-Pure arithmetic (no torch): gpus.py (catalog), memory.py (per-GPU memory and PEFT parameter counts),
+Arithmetic: gpus.py (catalog), memory.py (per-GPU memory; PEFT parameter counts come from the methods
+themselves, `PeftMethod.parameter_counts`, so planning a PEFT method imports the PEFT registry and PyTorch),
 perf.py (step time), search.py (constraints, enumeration, ranking), cli.py (`nemo-adapt plan`).
 """
 

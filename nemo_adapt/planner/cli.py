@@ -15,7 +15,7 @@ import json
 from dataclasses import replace
 
 from nemo_adapt.errors import ConfigError
-from nemo_adapt.planner.memory import PEFT_METHODS, PRECISIONS, MemoryAssumptions
+from nemo_adapt.planner.memory import PRECISIONS, MemoryAssumptions
 from nemo_adapt.planner.search import Candidate, PlanRequest, PlanResult, plan, request_from_recipe
 
 
@@ -27,7 +27,8 @@ def register(subparsers) -> None:
         epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("recipe", nargs="?", help="recipe YAML (model, peft, parallel, data, train, cluster)")
     p.add_argument("--model", help="registered model name (instead of a recipe, or to override it)")
-    p.add_argument("--method", choices=PEFT_METHODS, help="PEFT method (none = full fine-tuning)")
+    p.add_argument("--method", help="none (full fine-tuning) or a registered PEFT method (lora, dora, ...; a "
+                   "wrong name is answered with the list)")
     p.add_argument("--rank", type=int, help="LoRA/DoRA rank")
     p.add_argument("--gpu", help="GPU type: a100-40gb, a100-80gb, h100-80gb, h200-141gb, b200, gb200")
     p.add_argument("--nodes", type=int, help="number of nodes")

@@ -33,14 +33,6 @@ PRECISIONS = ("bf16", "fp8", "fp32")
 """Training precisions the planner models."""
 RECOMPUTE_MODES = ("none", "selective", "full")
 """Activation recomputation granularities (Megatron-Core `recompute_granularity`; none = off)."""
-PEFT_METHODS = ("none", "lora", "dora", "adapter", "ia3", "prompt_tuning", "ptuning", "prefix_tuning")
-"""Adaptation methods; `none` is full fine-tuning."""
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-"""Megatron-Core linear layers LoRA/DoRA can wrap."""
-IA3_TARGETS = ("keys", "values", "ffn")
-"""Activations IA3 can rescale: keys and values (linear_qkv output), ffn (linear_fc2 input)."""
-_COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
-"""Targets whose output dimension is split over TP (the rest split their input dimension)."""
 VOCAB_DIVISIBLE_BY = 128
 """Megatron's `make_vocab_size_divisible_by`: the vocabulary is padded to a multiple of this times TP."""
 
@@ -163,115 +155,51 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISI
 
 
 def local_kv_heads(spec: ModelSpec, tp: int) -> int:
-    """KV heads per TP rank; Megatron-Core replicates KV heads when TP exceeds their number."""
-    g = spec.num_query_groups
-    return g // tp if g % tp == 0 else 1
+    """KV heads per TP rank (`ModelSpec.local_kv_heads`)."""
+    return spec.local_kv_heads(tp)
 
 
 # --------------------------------------------------------------------------------------------------
-# PEFT parameter math (the PEFT implementations are checked against these closed forms)
+# PEFT parameters: each method states its own (`PeftMethod.parameter_counts`, `rank_parameter_counts`,
+# `context_tokens`); the planner keeps no table of methods.
 # --------------------------------------------------------------------------------------------------
 
-_PEFT_DEFAULTS: dict[str, dict] = {
-    "none": {},
-    "lora": {"rank": 8, "alpha": None, "target_modules": LORA_TARGETS, "layers": None},
-    "dora": {"rank": 8, "alpha": None, "target_modules": LORA_TARGETS, "layers": None},
-    "adapter": {"bottleneck": 32, "placements": ("attention", "mlp"), "bias": True},
-    "ia3": {"targets": ("keys", "values", "ffn")},
-    "prompt_tuning": {"num_virtual_tokens": 20},
-    "ptuning": {"num_virtual_tokens": 20, "encoder": "mlp", "encoder_hidden": None, "encoder_layers": 2},
-    "prefix_tuning": {"num_prefix_tokens": 20, "reparameterize": True, "reparam_hidden": 512},
-}
-"""Per-method arguments and their defaults; `alpha` is accepted (it scales, it adds no parameters). The
-defaults equal the trainer's (the PEFT methods' config classes, e.g. `peft.lora.LoRAConfig.rank`), which
-tests/unit/test_planner_search.py checks; recipes are planned with the recipe's own values
-(`search.request_from_config`)."""
 
-PEFT_ALIASES = {"p_tuning": "ptuning"}
-"""Registered method names (`peft.method` in recipes) the planner knows under another key."""
+def peft_methods() -> tuple[str, ...]:
+    """What the planner models: `none` (full fine-tuning) and every registered PEFT method."""
+    from nemo_adapt.peft.base import list_peft_methods
+
+    return ("none", *list_peft_methods())
 
 
-def normalize_peft_args(method: str, **method_args) -> dict:
-    """Fill defaults and reject unknown arguments for a PEFT method.
+def normalize_peft_args(method: str, **method_args):
+    """The method's typed config from planner arguments: the method's own defaults and validation.
 
     Args:
-        method: one of PEFT_METHODS.
-        **method_args: method arguments (see `_PEFT_DEFAULTS`); None values take the default.
+        method: `none` or a registered method (`peft.method` in recipes).
+        **method_args: fields of the method's config class (e.g. `peft.lora.LoRAConfig`); None takes the default.
 
     Returns:
-        A complete argument dict.
+        The validated config (`PeftConfig` for `none`).
 
     Raises:
         ConfigError: unknown method, unknown argument or an invalid value (named in the message).
     """
-    method = PEFT_ALIASES.get(method, method)
-    if method not in _PEFT_DEFAULTS:
-        raise ConfigError(f"peft.method={method!r} is not supported; allowed: {', '.join(PEFT_METHODS)}")
-    defaults = _PEFT_DEFAULTS[method]
-    unknown = sorted(set(method_args) - set(defaults))
+    import dataclasses
+
+    from nemo_adapt.peft.base import peft_config_class
+
+    allowed = peft_methods()
+    if method not in allowed:
+        raise ConfigError(f"peft.method={method!r} is not supported; allowed: {', '.join(allowed)}")
+    cls = peft_config_class(method)
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("method", "init_from")]
+    unknown = sorted(set(method_args) - set(fields))
     if unknown:
-        allowed = ", ".join(defaults) or "no arguments"
-        raise ConfigError(f"peft.method={method}: unknown argument(s) {', '.join(unknown)}; allowed: {allowed}")
-    args = dict(defaults)
-    args.update({k: v for k, v in method_args.items() if v is not None})
-    for key in ("rank", "bottleneck", "num_virtual_tokens", "num_prefix_tokens", "reparam_hidden",
-                "encoder_hidden", "encoder_layers"):
-        if key in args and args[key] is not None and (not isinstance(args[key], int) or args[key] < 1):
-            raise ConfigError(f"peft.{key}={args[key]!r} must be a positive integer")
-    if "target_modules" in args:
-        targets = tuple(args["target_modules"])
-        bad = [t for t in targets if t not in LORA_TARGETS]
-        if bad or not targets:
-            raise ConfigError(
-                f"peft.target_modules={list(targets)!r}: allowed targets are {', '.join(LORA_TARGETS)}"
-            )
-        args["target_modules"] = targets
-    if args.get("layers") is not None:
-        layers = args["layers"]
-        if not layers or any(not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) != len(layers):
-            raise ConfigError(f"peft.layers={list(layers)!r}: expected distinct layer indices >= 0")
-        args["layers"] = tuple(sorted(layers))
-    if "placements" in args:
-        placements = tuple(args["placements"])
-        if not placements or any(p not in ("attention", "mlp") for p in placements):
-            raise ConfigError(f"peft.placements={list(placements)!r}: allowed: attention, mlp")
-        args["placements"] = placements
-    if "targets" in args:
-        targets = tuple(args["targets"])
-        if not targets or any(t not in IA3_TARGETS for t in targets) or len(set(targets)) != len(targets):
-            raise ConfigError(f"peft.targets={list(targets)!r}: allowed: {', '.join(IA3_TARGETS)} (each once)")
-        args["targets"] = targets
-    if method == "ptuning" and args["encoder"] not in ("mlp", "lstm"):
-        raise ConfigError(f"peft.encoder={args['encoder']!r}: allowed: mlp, lstm")
-    if method == "ptuning" and args["encoder"] == "mlp" and args["encoder_layers"] < 2:
-        raise ConfigError(f"peft.encoder_layers={args['encoder_layers']} is too few for encoder=mlp; allowed: >= 2")
-    return args
-
-
-def lora_target_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
-    """(in_features, out_features) of a Megatron-Core linear layer, unsharded.
-
-    linear_qkv: [h -> (a + 2g)d] (fused Q, K, V); linear_proj: [a*d -> h];
-    linear_fc1: [h -> 2*ffn] (fused SwiGLU gate and up); linear_fc2: [ffn -> h].
-    """
-    h, d, f = spec.hidden_size, spec.kv_channels, spec.ffn_hidden_size
-    a, g = spec.num_attention_heads, spec.num_query_groups
-    shapes = {"linear_qkv": (h, (a + 2 * g) * d), "linear_proj": (a * d, h),
-              "linear_fc1": (h, 2 * f), "linear_fc2": (f, h)}
-    return shapes[target]
-
-
-def lstm_params(input_size: int, hidden_size: int, num_layers: int = 2, bidirectional: bool = True) -> int:
-    """Parameters of `torch.nn.LSTM` with biases: per layer and direction 4H(in + H) + 8H (b_ih and b_hh).
-
-    Layers after the first take 2H inputs when bidirectional.
-    """
-    directions = 2 if bidirectional else 1
-    total = 0
-    for layer in range(num_layers):
-        inp = input_size if layer == 0 else hidden_size * directions
-        total += directions * (4 * hidden_size * (inp + hidden_size) + 8 * hidden_size)
-    return total
+        raise ConfigError(f"peft.method={method}: unknown argument(s) {', '.join(unknown)}; allowed: "
+                          f"{', '.join(fields) or 'no arguments'}")
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in method_args.items() if v is not None}
+    return cls(method=method, **values)
 
 
 @dataclass(frozen=True)
@@ -280,8 +208,8 @@ class PeftParams:
 
     method: str
     """PEFT method name."""
-    args: dict
-    """Method arguments after defaults."""
+    config: object
+    """The method's validated config (`normalize_peft_args`)."""
     training: dict[str, int]
     """Trainable parameters during training, by component (includes training-only encoders)."""
     saved: dict[str, int]
@@ -299,99 +227,44 @@ class PeftParams:
         """Parameters in the exported adapter."""
         return sum(self.saved.values())
 
+    @property
+    def method_class(self):
+        """The registered `PeftMethod` subclass."""
+        from nemo_adapt.peft.base import get_peft_method
+
+        return get_peft_method(self.method)
+
 
 def peft_param_breakdown(spec: ModelSpec, method: str, **method_args) -> PeftParams:
-    """Closed-form trainable-parameter counts of each PEFT method on a Megatron-Core GPT model.
-
-    Formulas (L layers, h hidden, a heads, g KV groups, d head width, f FFN width; per layer unless noted):
-
-    - `lora` (Hu et al. 2021, arXiv:2106.09685): per target r * (in + out) with the target shapes of
-      `lora_target_shape` (A is r x in, B is out x r).
-    - `dora` (Liu et al. 2024, arXiv:2402.09353): LoRA plus a magnitude vector of `out` per target.
-    - `adapter` (Houlsby et al. 2019, arXiv:1902.00751): per placement (after attention and/or after the
-      MLP) a down projection h x bn and an up projection bn x h: 2 * h * bn, plus biases bn + h when bias.
-    - `ia3` (Liu et al. 2022, arXiv:2205.05638): scaling vectors on keys (g*d), values (g*d) and the FFN
-      intermediate activation (f): 2gd + f with the default `targets` (keys, values, ffn).
-    - `prompt_tuning` (Lester et al. 2021, arXiv:2104.08691): n_virtual * h, once per model.
-    - `ptuning` (Liu et al. 2021, arXiv:2103.10385; registered as `p_tuning`): n_virtual * h, plus during
-      training only a prompt encoder: an MLP of `encoder_layers` Linear layers h -> H -> ... -> h with
-      biases (h*H + H + (layers-2)*(H*H + H) + H*h + h; 2 layers by default, Hugging Face PEFT uses 3), or
-      an `encoder_layers`-layer bidirectional LSTM h -> H (`lstm_params`) followed by the head
-      Linear 2H -> 2H, ReLU, Linear 2H -> h (NeMo 1 and Hugging Face PEFT). H defaults to h.
-    - `prefix_tuning` (Li & Liang 2021, arXiv:2101.00190): keys and values for every layer,
-      2 * n_prefix * g * d per layer (GQA: prefixes live on the KV heads). With reparameterisation
-      (default) training instead optimises an n_prefix x h embedding and an MLP h -> H -> 2*L*g*d with
-      biases; the prefixes it produces are what is saved.
+    """Closed-form trainable-parameter counts of a PEFT method on a Megatron-Core GPT model, as the method
+    states them (`PeftMethod.parameter_counts`; each method's docstring gives its formula and paper).
 
     Args:
         spec: model architecture.
-        method: one of PEFT_METHODS (`none` -> no adapter parameters).
-        **method_args: method arguments, see `normalize_peft_args`.
+        method: a registered method.
+        **method_args: the method's config fields, see `normalize_peft_args`.
 
     Returns:
         PeftParams with per-component counts for training and for the saved adapter.
 
     Raises:
-        ConfigError: unknown method or argument.
+        ConfigError: unknown method or argument, or one that does not fit the model.
     """
-    args = normalize_peft_args(method, **method_args)
-    method = PEFT_ALIASES.get(method, method)
-    L, h, d, f = spec.num_layers, spec.hidden_size, spec.kv_channels, spec.ffn_hidden_size
-    g = spec.num_query_groups
-    comps: dict[str, int] = {}
-    training_only: dict[str, int] = {}
-    if method in ("lora", "dora"):
-        r = args["rank"]
-        n_layers = L if args["layers"] is None else len(args["layers"])  # `layers`: adapted subset
-        if args["layers"] is not None and max(args["layers"]) >= L:
-            raise ConfigError(f"peft.layers={list(args['layers'])}: {spec.name} has layers 0..{L - 1}")
-        for target in args["target_modules"]:
-            fan_in, fan_out = lora_target_shape(spec, target)
-            comps[f"{target}.lora_A"] = n_layers * r * fan_in
-            comps[f"{target}.lora_B"] = n_layers * r * fan_out
-            if method == "dora":
-                comps[f"{target}.magnitude"] = n_layers * fan_out
-    elif method == "adapter":
-        bn = args["bottleneck"]
-        for placement in args["placements"]:
-            comps[f"adapter_{placement}.weights"] = L * 2 * h * bn  # down h x bn + up bn x h
-            if args["bias"]:
-                comps[f"adapter_{placement}.biases"] = L * (bn + h)
-    elif method == "ia3":
-        widths = {"keys": g * d, "values": g * d, "ffn": f}
-        for target in args["targets"]:
-            comps[f"ia3.{target}"] = L * widths[target]
-    elif method == "prompt_tuning":
-        comps["virtual_tokens"] = args["num_virtual_tokens"] * h
-    elif method == "ptuning":
-        comps["virtual_tokens"] = args["num_virtual_tokens"] * h
-        hid = args["encoder_hidden"] or h
-        if args["encoder"] == "mlp":
-            training_only["encoder.mlp"] = (h * hid + hid) + (args["encoder_layers"] - 2) * (hid * hid + hid) + (hid * h + h)
-        else:
-            training_only["encoder.lstm"] = lstm_params(h, hid, num_layers=args["encoder_layers"], bidirectional=True)
-            training_only["encoder.head"] = (2 * hid * 2 * hid + 2 * hid) + (2 * hid * h + h)
-    elif method == "prefix_tuning":
-        n = args["num_prefix_tokens"]
-        kv_width = 2 * L * g * d  # keys + values of every layer
-        comps["prefix.keys_values"] = n * kv_width
-        if args["reparameterize"]:
-            hid = args["reparam_hidden"]
-            training_only["prefix.embedding"] = n * h
-            training_only["prefix.mlp"] = (h * hid + hid) + (hid * kv_width + kv_width)
-    if method == "prefix_tuning" and args["reparameterize"]:
-        training = dict(training_only)  # the prefixes are an MLP output while training
-    else:
-        training = {**comps, **training_only}
-    return PeftParams(method=method, args=args, training=training, saved=comps)
+    config = normalize_peft_args(method, **method_args)
+    if method == "none":
+        raise ConfigError("peft.method=none (full fine-tuning) adds no PEFT parameters; count the model instead")
+    from nemo_adapt.peft.base import get_peft_method
+
+    training, saved = get_peft_method(method).parameter_counts(config, spec)
+    return PeftParams(method=method, config=config, training=training, saved=saved)
 
 
 def peft_trainable_params(spec: ModelSpec, method: str, *, training: bool = True, **method_args) -> int:
-    """Trainable parameters of a PEFT method (whole model), see `peft_param_breakdown` for the formulas.
+    """Trainable parameters of a PEFT method (whole model), see `peft_param_breakdown`.
 
     Args:
         spec: model architecture.
-        method: one of PEFT_METHODS; `none` returns the full model's parameter count.
+        method: a registered method; `none` returns the full model's parameter count.
         training: count what trains (True, includes p-tuning encoders and prefix MLPs) or what is saved.
         **method_args: method arguments.
 
@@ -452,61 +325,12 @@ def rank_params(spec: ModelSpec, tp: int) -> RankParams:
 
 
 def peft_rank_params(spec: ModelSpec, tp: int, peft: PeftParams) -> tuple[float, float, float]:
-    """Trainable PEFT parameters on one TP rank: (per layer, first-stage extra, every-stage extra).
-
-    Sharding follows Megatron-Bridge's parallel adapters: for a column-parallel target (qkv, fc1) LoRA's
-    A (r x in) is replicated and B (out/t x r) is split; for a row-parallel target (proj, fc2) A is split
-    (r x in/t) and B replicated. DoRA's magnitude follows the output. Bottleneck adapters split the
-    bottleneck (down column-parallel, up row-parallel, up-bias replicated). IA3 vectors and prefixes
-    follow their heads/FFN columns. Prompt/p-tuning tables and encoders sit whole on the first stage;
-    the prefix-tuning reparameterisation's embedding and first Linear are replicated on every rank, its
-    output Linear is split by layer and KV head like the prefixes.
-    """
+    """Trainable PEFT parameters on one TP rank while training: (per layer, first-stage extra, every-stage
+    extra), as the method states them (`PeftMethod.rank_parameter_counts`), memoised per (spec, tp)."""
     key = (spec, tp)
     if key not in peft._rank_cache:
-        peft._rank_cache[key] = _peft_rank_params(spec, tp, peft)
+        peft._rank_cache[key] = peft.method_class.rank_parameter_counts(peft.config, spec, tp)
     return peft._rank_cache[key]
-
-
-def _peft_rank_params(spec: ModelSpec, tp: int, peft: PeftParams) -> tuple[float, float, float]:
-    m, args = peft.method, peft.args
-    h, d, f = spec.hidden_size, spec.kv_channels, spec.ffn_hidden_size
-    kv_loc = local_kv_heads(spec, tp)
-    per_layer = first = every = 0.0
-    if m in ("lora", "dora"):
-        r = args["rank"]
-        for target in args["target_modules"]:
-            fan_in, fan_out = lora_target_shape(spec, target)
-            if target == "linear_qkv":
-                fan_out = (spec.num_attention_heads // tp + 2 * kv_loc) * d
-                per_layer += r * fan_in + r * fan_out + (fan_out if m == "dora" else 0)
-            elif target in _COLUMN_PARALLEL:
-                per_layer += r * fan_in + r * fan_out / tp + (fan_out / tp if m == "dora" else 0)
-            else:
-                per_layer += r * fan_in / tp + r * fan_out + (fan_out if m == "dora" else 0)
-        if args["layers"] is not None:
-            # Spread over all layers: exact in total, an average per stage (adapters are ~1% of a stage).
-            per_layer *= len(args["layers"]) / spec.num_layers
-    elif m == "adapter":
-        bn = args["bottleneck"]
-        for _ in args["placements"]:
-            per_layer += 2 * h * bn / tp + ((bn / tp + h) if args["bias"] else 0)
-    elif m == "ia3":
-        widths = {"keys": kv_loc * d, "values": kv_loc * d, "ffn": f / tp}
-        per_layer = sum(widths[t] for t in args["targets"])
-    elif m in ("prompt_tuning", "ptuning"):
-        first = float(peft.training_total)
-    elif m == "prefix_tuning":
-        if args["reparameterize"]:
-            # nemo_adapt.peft.prefix_tuning: the embedding n x h and the first Linear h -> H are shared
-            # by all layers, so replicated on every rank; each layer holds its rows of the output
-            # Linear (keys and values of its local KV heads, with biases), split over TP like the prefixes.
-            hid = args["reparam_hidden"]
-            every = float(args["num_prefix_tokens"] * h + h * hid + hid)
-            per_layer = 2 * kv_loc * d * (hid + 1)
-        else:
-            per_layer = 2 * args["num_prefix_tokens"] * kv_loc * d
-    return per_layer, first, every
 
 
 # --------------------------------------------------------------------------------------------------
@@ -727,10 +551,9 @@ def state_bytes_per_param(precision: str, grad_dtype: str, distributed_optimizer
 
 
 def effective_seq_length(seq_length: int, peft: PeftParams | None) -> int:
-    """Tokens the model processes per sequence: prompt/p-tuning prepend their virtual tokens."""
-    if peft is not None and peft.method in ("prompt_tuning", "ptuning"):
-        return seq_length + peft.args["num_virtual_tokens"]
-    return seq_length
+    """Tokens the model processes per sequence: seq_length plus what the method prepends
+    (`PeftMethod.context_tokens`: prompt and p-tuning's virtual tokens)."""
+    return seq_length + (peft.method_class.context_tokens(peft.config) if peft is not None else 0)
 
 
 def estimate_memory(spec: ModelSpec, layout: Layout, method: str = "none", *, seq_length: int,
@@ -924,10 +747,10 @@ def gib(num_bytes: float) -> float:
 
 
 __all__ = [
-    "LORA_TARGETS", "PEFT_METHODS", "PRECISIONS", "RECOMPUTE_MODES", "FitReport", "Layout",
+    "PRECISIONS", "RECOMPUTE_MODES", "FitReport", "Layout",
     "LayoutDoesNotFitError", "MemoryAssumptions", "MemoryBreakdown", "PeftParams", "RankParams", "StageMemory",
     "activation_bytes_per_layer", "check_fits", "effective_seq_length", "estimate_memory", "explain_fit",
-    "gib", "inflight_layers", "local_kv_heads", "lora_target_shape", "lstm_params", "normalize_peft_args",
+    "gib", "inflight_layers", "local_kv_heads", "normalize_peft_args", "peft_methods", "peft_rank_params",
     "num_microbatches", "padded_vocab_size", "peft_param_breakdown", "peft_trainable_params", "rank_params",
     "state_bytes_per_param",
 ]

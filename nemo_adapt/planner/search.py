@@ -33,9 +33,6 @@ from nemo_adapt.errors import ConfigError, ParallelLayoutError
 from nemo_adapt.models.spec import ModelSpec, get_model_spec
 from nemo_adapt.planner.gpus import GPUSpec, get_gpu
 from nemo_adapt.planner.memory import (
-    _PEFT_DEFAULTS,
-    PEFT_ALIASES,
-    PEFT_METHODS,
     PRECISIONS,
     RECOMPUTE_MODES,
     FitReport,
@@ -575,19 +572,12 @@ def model_name_for_recipe(cfg) -> str:
 
 
 def _peft_args_from_config(peft, source: str) -> tuple[str, dict]:
-    """The planner's method name and arguments, read from the recipe's typed `peft` config: every key the
-    planner's formulas take, with the trainer's values (its defaults included)."""
-    method = peft.method
-    keys = _PEFT_DEFAULTS.get(PEFT_ALIASES.get(method, method))
-    if keys is None:
-        raise ConfigError(f"{source}peft.method={method!r} is not modelled by the planner; it models: "
-                          f"{', '.join(m for m in PEFT_METHODS if m != 'ptuning')}, p_tuning")
-    args = {}
-    for key in keys:
-        value = getattr(peft, key, None)
-        if value is not None:
-            args[key] = tuple(value) if isinstance(value, list) else value
-    return method, args
+    """The method name and arguments to plan with: every field of the recipe's typed `peft` config, so the
+    method counts its parameters with exactly the trainer's values (its defaults included)."""
+    import dataclasses
+
+    args = {f.name: getattr(peft, f.name) for f in dataclasses.fields(peft) if f.name not in ("method", "init_from")}
+    return peft.method, {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
 
 
 def request_from_config(cfg, *, gpu: str | None = None, nodes: int | None = None, gpus_per_node: int | None = None,

@@ -70,11 +70,10 @@ def peft_config(case: PeftCase):
 
 
 def planner_args(case: PeftCase) -> tuple[str, dict]:
-    """The planner's method name and arguments for a row (for the closed-form counts): the row's
-    typed config, read back for the keys the planner's formula takes."""
-    from nemo_adapt.planner.memory import _PEFT_DEFAULTS, PEFT_ALIASES
+    """The planner's method name and arguments for a row (for the closed-form counts): every field of the row's
+    typed config, as `nemo-adapt plan` reads a recipe."""
+    import dataclasses
 
     config = peft_config(case)
-    keys = _PEFT_DEFAULTS[PEFT_ALIASES.get(config.method, config.method)]
-    args = {k: getattr(config, k) for k in keys if k != "alpha" and hasattr(config, k)}
-    return config.method, {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()}
+    args = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("method", "init_from")}
+    return config.method, args

@@ -10,11 +10,10 @@ import torch
 
 from nemo_adapt.errors import ConfigError
 from nemo_adapt.models.spec import get_model_spec
+from nemo_adapt.peft.lora import LINEAR_TARGETS
+from nemo_adapt.peft.p_tuning import lstm_params
 from nemo_adapt.planner.memory import (
-    LORA_TARGETS,
-    PEFT_METHODS,
-    lora_target_shape,
-    lstm_params,
+    peft_methods,
     peft_param_breakdown,
     peft_rank_params,
     peft_trainable_params,
@@ -27,7 +26,7 @@ def spec():
 
 
 def test_target_shapes(spec):
-    assert [lora_target_shape(spec, t) for t in LORA_TARGETS] == [
+    assert [spec.linear_shape(t) for t in LINEAR_TARGETS] == [
         (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 
 
@@ -44,8 +43,8 @@ def test_lora_matches_torch_modules(spec):
     # A as nn.Linear(in, r, bias=False), B as nn.Linear(r, out, bias=False) on every target of one layer.
     r = 4
     per_layer = 0
-    for target in LORA_TARGETS:
-        fan_in, fan_out = lora_target_shape(spec, target)
+    for target in LINEAR_TARGETS:
+        fan_in, fan_out = spec.linear_shape(target)
         a = torch.nn.Linear(fan_in, r, bias=False, device="meta")
         b = torch.nn.Linear(r, fan_out, bias=False, device="meta")
         per_layer += sum(p.numel() for p in (*a.parameters(), *b.parameters()))
@@ -78,10 +77,10 @@ def test_prompt_tuning(spec):
 def test_ptuning_mlp_encoder_is_training_only(spec):
     # virtual tokens 20 x 4096 = 81,920; MLP 4096 -> 4096 -> 4096 with biases = 2 x (4096^2 + 4096)
     mlp = 2 * (4096 * 4096 + 4096)
-    assert peft_trainable_params(spec, "ptuning", num_virtual_tokens=20) == 81_920 + mlp
-    assert peft_trainable_params(spec, "ptuning", num_virtual_tokens=20, training=False) == 81_920
+    assert peft_trainable_params(spec, "p_tuning", num_virtual_tokens=20) == 81_920 + mlp
+    assert peft_trainable_params(spec, "p_tuning", num_virtual_tokens=20, training=False) == 81_920
     enc = torch.nn.Sequential(torch.nn.Linear(4096, 1024, device="meta"), torch.nn.Linear(1024, 4096, device="meta"))
-    got = peft_param_breakdown(spec, "ptuning", encoder_hidden=1024).training["encoder.mlp"]
+    got = peft_param_breakdown(spec, "p_tuning", encoder_hidden=1024).training["encoder.mlp"]
     assert got == sum(p.numel() for p in enc.parameters())
 
 
@@ -91,7 +90,7 @@ def test_ptuning_lstm_encoder_matches_torch(spec):
     head = torch.nn.Sequential(torch.nn.Linear(2 * 512, 2 * 512, device="meta"),
                                torch.nn.Linear(2 * 512, 4096, device="meta"))
     assert lstm_params(4096, 512) == sum(p.numel() for p in lstm.parameters())
-    parts = peft_param_breakdown(spec, "ptuning", encoder="lstm", encoder_hidden=512).training
+    parts = peft_param_breakdown(spec, "p_tuning", encoder="lstm", encoder_hidden=512).training
     assert parts["encoder.lstm"] + parts["encoder.head"] == sum(
         p.numel() for p in (*lstm.parameters(), *head.parameters()))
 
@@ -109,7 +108,7 @@ def test_full_finetuning_counts_the_model(spec):
     assert peft_trainable_params(spec, "none") == spec.num_parameters() == 8_030_261_248
 
 
-@pytest.mark.parametrize("method", [m for m in PEFT_METHODS if m != "none"])
+@pytest.mark.parametrize("method", [m for m in peft_methods() if m != "none"])
 def test_rank_sharding_at_tp1_is_the_closed_form(spec, method):
     peft = peft_param_breakdown(spec, method)
     per_layer, first, every = peft_rank_params(spec, 1, peft)

@@ -213,20 +213,19 @@ def test_layout_defaults_are_the_trainers():
     assert lay.micro_batch_size == train.micro_batch_size
 
 
-def test_peft_defaults_are_the_trainers():
-    """Every argument the planner's PEFT formulas take defaults to the method's own config default."""
-    from nemo_adapt.peft.base import peft_config_class
-    from nemo_adapt.planner.memory import _PEFT_DEFAULTS, PEFT_ALIASES
+def test_the_planner_counts_with_the_trainers_config():
+    """The planner keeps no defaults of its own: with no arguments it plans each method's config as the trainer
+    builds it, and its count is the method's own (`PeftMethod.parameter_counts`)."""
+    from nemo_adapt.models.spec import get_model_spec
+    from nemo_adapt.peft.base import get_peft_method, peft_config_class
+    from nemo_adapt.planner.memory import normalize_peft_args, peft_methods, peft_trainable_params
 
-    registered = {planner: name for name, planner in PEFT_ALIASES.items()}  # ptuning -> p_tuning
-    for method, defaults in _PEFT_DEFAULTS.items():
-        config = peft_config_class(registered.get(method, method))()
-        for key, value in defaults.items():
-            if key == "alpha":  # a scale: it adds no parameters, so the planner needs no value
-                continue
-            trainer = getattr(config, key)
-            trainer = tuple(trainer) if isinstance(trainer, list) else trainer
-            assert value == trainer, f"{method}.{key}: planner default {value!r}, trainer default {trainer!r}"
+    spec = get_model_spec("llama3_8b")
+    for method in peft_methods():
+        assert normalize_peft_args(method) == peft_config_class(method)(method=method), method
+        if method != "none":
+            training, _ = get_peft_method(method).parameter_counts(peft_config_class(method)(), spec)
+            assert peft_trainable_params(spec, method) == sum(training.values()) > 0, method
 
 
 def test_recipe_keys_left_unset_take_the_trainers_defaults(tmp_path):
