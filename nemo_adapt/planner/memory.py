@@ -169,7 +169,7 @@ def peft_methods() -> tuple[str, ...]:
     """What the planner models: `none` (full fine-tuning) and every registered PEFT method."""
     from nemo_adapt.peft.base import list_peft_methods
 
-    return ("none", *list_peft_methods())
+    return tuple(list_peft_methods())  # `none` first
 
 
 def normalize_peft_args(method: str, **method_args):
