@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"nemo-adapt {args.command}: stopped by SIGTERM; nothing partial was left behind", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except KeyboardInterrupt:  # the same unwinding as SIGTERM; `run` handles SIGINT itself (it checkpoints)
+        print(f"nemo-adapt {args.command}: interrupted (Ctrl-C); nothing partial was left behind", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

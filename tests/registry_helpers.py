@@ -129,10 +129,15 @@ def write_merged(directory: Path, status: str, parents: list[Path] = (), seed: i
                   str(directory / f"model-{i:05d}.safetensors"))
     models = [{"model": str(p), "sha256": sha256(p / "adapter_model.safetensors"), "weight": 1.0,
                "fingerprint": f"adapter@{sha256(p / 'adapter_model.safetensors')[:16]}"} for p in parents]
-    (directory / "merge_config.json").write_text(json.dumps({
-        "status": status, "merge_method": "linear", "parameters": {"normalize": True}, "models": models,
-        "base_model": {"model": "random:tiny_llama", "fingerprint": BASE_FP}, "architecture": "tiny_llama",
-        "code_version": "0.1.0+test"}))
+    record = {"status": status, "merge_method": "linear", "parameters": {"normalize": True}, "models": models,
+              "base_model": {"model": "random:tiny_llama", "fingerprint": BASE_FP}, "architecture": "tiny_llama",
+              "code_version": "0.1.0+test"}
+    if status in ("validated", "failed_validation"):  # what `nemo-adapt merge --validate` records
+        ok = status == "validated"
+        record["validation"] = [{"suite": "runs/triage", "test_split": "data/test.jsonl", "test_sha256": "0" * 64,
+                                 "exact_match": 0.8 if ok else 0.5, "correct": 160 if ok else 100, "n": 200,
+                                 "threshold": 0.7, "threshold_from": "0.9 x the parent's 0.78", "passed": ok}]
+    (directory / "merge_config.json").write_text(json.dumps(record))
     return directory
 
 

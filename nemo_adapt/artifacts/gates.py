@@ -315,8 +315,13 @@ def _current_test_sha(gate: Gate, result: dict) -> tuple[str | None, str]:
     test = gate.test_file or (result.get("provenance") or {}).get("test_file")
     if not test:
         return None, "the evaluation names no test file"
-    if not Path(test).is_file():
-        return None, f"{test} does not exist here"
+    path = Path(test)
+    if path.is_dir():
+        return None, f"{test} is a directory, not the test file"
+    if not path.is_file():
+        where = f" (relative to {Path.cwd()})" if not path.is_absolute() else ""
+        return None, (f"{test} does not exist here{where}; run promote from where it was evaluated, or name the "
+                      "current test split with {dataset: {test: PATH}}")
     return sha256_file(test), f"{test} now"
 
 
@@ -465,9 +470,11 @@ def evaluation_problems(result: dict) -> list[str]:
     """Where a `nemo-adapt eval` result contradicts itself (what an edited eval.json shows).
 
     Checked: the example count is a non-negative integer and every metric's own `n` equals it; `correct / n` equals
-    the headline exact match, which equals `metrics.exact_match.value`; every interval has low <= high,
-    accuracies and F1 within [0, 1]; a suite's `passed` <= `checked` and `pass` == (all checked passed, at least
-    one); forgetting's interval in order.
+    the headline exact match, which equals `metrics.exact_match.value`; every interval holds its value (low <=
+    value <= high: each is a percentile bootstrap of a mean), accuracies and F1 within [0, 1], at the 95% level the
+    gates judge; a confusion table counts at most n answers; a suite's `passed` <= `checked` <= its cases and
+    `pass` (a boolean) == (all checked passed, at least one); inference cost has sizes and rates; forgetting's
+    interval holds its value.
 
     Args:
         result: eval.json as loaded.
@@ -486,10 +493,13 @@ def evaluation_problems(result: dict) -> list[str]:
         if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in nums.values()):
             out.append(f"{where} has a non-numeric value, low or high ({nums})")
             return
-        # low <= high only: a percentile bootstrap interval need not contain the point estimate (skewed metrics)
-        lo, hi = nums.get("low"), nums.get("high")
+        # Every interval here is a percentile bootstrap of a mean over examples (or passages), which holds the
+        # mean itself: an interval beside its value was edited.
+        v, lo, hi = nums.get("value"), nums.get("low"), nums.get("high")
         if lo is not None and hi is not None and lo > hi + 1e-9:
             out.append(f"{where} has low {lo} > high {hi}")
+        elif v is not None and ((lo is not None and v < lo - 1e-9) or (hi is not None and v > hi + 1e-9)):
+            out.append(f"{where} = {v} lies outside its own interval [{lo}, {hi}]")
         if unit and not all(-1e-9 <= x <= 1 + 1e-9 for x in nums.values()):
             out.append(f"{where} = {nums} is outside [0, 1]")
         if of_examples and n is not None and "n" in e and e["n"] != n:
@@ -504,6 +514,26 @@ def evaluation_problems(result: dict) -> list[str]:
                 for f, fe in e.items():
                     if isinstance(fe, dict) and "value" in fe:
                         interval(f"metrics.{k}.{f}", fe, True)
+    ci = metrics.get("ci") if isinstance(metrics, dict) else None
+    if isinstance(ci, dict) and ci.get("level") is not None and ci.get("level") != 0.95:
+        out.append(f"metrics.ci.level = {ci.get('level')!r}, but gates judge 95% intervals")
+    confusion = metrics.get("confusion") if isinstance(metrics, dict) else None
+    if isinstance(confusion, dict) and n is not None:
+        for f, table in confusion.items():
+            counts = [c for row in (table or {}).values() if isinstance(row, dict) for c in row.values()]
+            if any(not isinstance(c, int) or c < 0 for c in counts) or sum(c for c in counts if isinstance(c, int)) > n:
+                out.append(f"metrics.confusion.{f} counts {sum(c for c in counts if isinstance(c, int))} answers "
+                           f"(or a count that is not a non-negative integer) of n = {n} examples")
+    for variant, cost in (result.get("inference_cost") or {}).items():
+        if not isinstance(cost, dict):
+            continue
+        peak = cost.get("peak_memory_bytes")
+        if peak is not None and (not isinstance(peak, int | float) or isinstance(peak, bool) or peak < 0):
+            out.append(f"inference_cost.{variant}.peak_memory_bytes = {peak!r} is not a size")
+        rates = cost.get("decode_tokens_per_s") or {}
+        if isinstance(rates, dict) and any(r is not None and (not isinstance(r, int | float) or r <= 0)
+                                           for r in rates.values()):
+            out.append(f"inference_cost.{variant}.decode_tokens_per_s = {rates} is not a rate")
     em = result.get("exact_match")
     em_entry = metrics.get("exact_match") if isinstance(metrics, dict) else None
     if isinstance(em, int | float) and isinstance(em_entry, dict) and isinstance(em_entry.get("value"), int | float) \
@@ -518,7 +548,12 @@ def evaluation_problems(result: dict) -> list[str]:
     for name, suite in (result.get("suites") or {}).items():
         if not isinstance(suite, dict):
             continue
-        passed, checked = suite.get("passed"), suite.get("checked")
+        passed, checked, cases = suite.get("passed"), suite.get("checked"), suite.get("cases")
+        if "pass" in suite and not isinstance(suite["pass"], bool):
+            out.append(f"suite {name}: pass = {suite['pass']!r} is not true or false")
+            continue
+        if isinstance(cases, int) and isinstance(checked, int) and checked > cases:
+            out.append(f"suite {name}: checked = {checked} of its {cases} cases")
         if isinstance(passed, int) and isinstance(checked, int):
             if not 0 <= passed <= checked:
                 out.append(f"suite {name}: passed = {passed} of checked = {checked}")

@@ -408,7 +408,8 @@ def scan_artifact(path: str | os.PathLike, *, eval_file: str | None = None, base
             if init_from else []
     elif (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         files, artifact = _scan_model_dir(p, "model")
-        scanned = Scanned("hf_model", p, p.name, files, artifact, {})
+        # A run's model/ (full fine-tuning) is named after its run, not "model".
+        scanned = Scanned("hf_model", p, p.parent.name if p.name == "model" else p.name, files, artifact, {})
     else:
         raise _not_an_artifact(outer or p)
     if outer is not None:  # a tree `registry get` wrote: its evaluation and study beside the artifact, as stored
@@ -516,14 +517,39 @@ def _attach_evaluation(s: Scanned, eval_file: str | None, baseline_file: str | N
         s.meta.setdefault("dataset", {})["test_sha256"] = prov.get("test_sha256")
     if baseline_file is None and s.kind == "run" and (s.source / BASELINE).is_file():
         baseline_file = str(s.source / BASELINE)
-    if baseline_file is not None:
-        b = _read_json(Path(baseline_file), "baseline")
-        if not isinstance(b.get("baseline"), dict) or "metrics" not in b["baseline"]:
-            raise ConfigError(f"{baseline_file!r} is not a `nemo-adapt eval RUN --baseline` result (no baseline.metrics)")
+    if baseline_file == "none":
+        baseline_file = None
+    elif baseline_file is not None:
+        _check_baseline(s, Path(baseline_file), source)
         s.files[BASELINE] = Path(baseline_file)
     elif source is not None:
         s.notes.append("no prompt-only baseline recorded: a min_over_baseline gate will fail (nemo-adapt eval RUN "
                        "--baseline, or --baseline FILE)")
+
+
+def _check_baseline(s: Scanned, path: Path, evaluation: Path | None) -> None:
+    """A prompt-only baseline is the base model, prompted, on the same test split: every entry self-consistent,
+    no adapter applied, the version's base model (by fingerprint) and the evaluation's test file (by sha256)."""
+    b = _read_json(path, "baseline")
+    if not isinstance(b.get("baseline"), dict) or "metrics" not in b["baseline"]:
+        raise ConfigError(f"{str(path)!r} is not a `nemo-adapt eval RUN --baseline` result (no baseline.metrics)")
+    base_fp = (s.meta.get("base_model") or {}).get("fingerprint")
+    test_sha = (s.meta.get("evaluation") or {}).get("test_sha256")
+    for key, entry in b.items():
+        if not isinstance(entry, dict):
+            continue
+        prov = entry.get("provenance") or {}
+        wrong = [f"{key}: {p}" for p in evaluation_problems(entry)]
+        if prov.get("adapter"):
+            wrong.append(f"{key}: an adapter was applied (a prompt-only baseline is the base model alone)")
+        model_fp = (prov.get("model") or {}).get("fingerprint")
+        if base_fp and model_fp and model_fp != base_fp:
+            wrong.append(f"{key}: evaluated model {model_fp}, but this version's base model is {base_fp}")
+        if test_sha and prov.get("test_sha256") and prov["test_sha256"] != test_sha:
+            wrong.append(f"{key}: scored on test sha256 {prov['test_sha256'][:12]}, the evaluation on {test_sha[:12]}"
+                         f" ({evaluation})")
+        if wrong:
+            raise ConfigError(f"baseline {str(path)!r} cannot be compared with this version: {'; '.join(wrong)}")
 
 
 def _check_model_evaluated(s: Scanned, source: Path, prov: dict) -> None:
@@ -699,6 +725,20 @@ class Registry:
             raise ConfigError(f"no registry at {self.store.url}: it holds {shown}{', ...' if len(entries) > 8 else ''} "
                               f"but no versions/, objects/ or audit/ (name the registry with --registry or ${ENV})")
 
+    def check_usable_for_writing(self) -> None:
+        """For `add`: a location that holds other files and none of a registry's own is refused, so a typo
+        (`--registry runs`) does not scatter objects/ and versions/ into an unrelated directory.
+
+        Raises:
+            ConfigError: naming what the directory holds.
+        """
+        entries = set(self.store.listdir("")) - {"tmp", ".lock"}
+        if entries and not entries & {"versions", "objects", "audit", AUDIT_HEAD}:
+            shown = ", ".join(sorted(entries)[:8])
+            raise ConfigError(f"{self.store.url} is not a registry: it holds {shown}{', ...' if len(entries) > 8 else ''} "
+                              f"but no versions/, objects/ or audit/; name an empty or new directory, or an existing "
+                              f"registry (--registry or ${ENV})")
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return [n for n in self.store.listdir("versions") if _NAME.match(n)]
@@ -790,6 +830,8 @@ class Registry:
                 prefix.
         """
         name, sep, what = ref.partition(":")
+        if re.fullmatch(r"[0-9a-fA-F]{4,64}", what) and not _HEX.match(what):
+            what = what.lower()  # ids are printed in lower case; a prefix copied in upper case means the same id
         names = self.names()
         if name not in names:
             listing = ", ".join(names[:20]) or "none yet"
@@ -838,8 +880,7 @@ class Registry:
         baseline = json.loads(self.read_object(version, BASELINE)).get("baseline") if BASELINE in files else None
         art = version.manifest.get("artifact") or {}
         size = sum(f["size"] for k, f in files.items() if k.startswith(f"{art.get('dir')}/"))
-        status = (version.manifest.get("merge") or {}).get("status", "unknown") if version.manifest["kind"] == "merged" \
-            else None
+        status = _merge_status(version.manifest) if version.manifest["kind"] == "merged" else None
         return Evidence(result, baseline, size, status)
 
     # ---- writing
@@ -906,6 +947,11 @@ class Registry:
         """
         for _ in range(_RETRIES):
             with self.store.lock():
+                damaged = self._log_problems()
+                if damaged:  # appending would bury the damage under a valid-looking entry
+                    raise ConfigError(f"registry {self.store.url}: the audit log is damaged ({'; '.join(damaged)}); "
+                                      "nothing was written. Restore the log from a backup (`nemo-adapt registry "
+                                      "verify` lists every problem)")
                 entries = self.audit()
                 entry = make(entries)
                 if entry is None:
@@ -961,6 +1007,10 @@ class Registry:
         _check_alias(alias)
         gates = load_gates(gates_file)
         version = self.resolve(ref)
+        damaged = self.damage(version)
+        if damaged:
+            raise ConfigError(f"{version.ref} is damaged ({'; '.join(damaged)}): it cannot be promoted; run "
+                              "`nemo-adapt registry verify` and add the artifact again")
         results = check_gates(gates, self.evidence(version))
         failed = [g for g in results if not g.passed]
         unforceable = [g for g in failed if g.gate in UNFORCEABLE]
@@ -1053,16 +1103,9 @@ class Registry:
         hashed: dict[str, str | None] = {}  # sha256 -> problem (None: intact); a shared object is read once
         for v in versions:
             m = v.manifest
-            if m.get("id") != v.id or version_id(m.get("kind"), m.get("files") or {}) != v.id:
-                problems.append(f"{v.ref}: manifest does not match its id (edited or damaged)")
-            if m.get("name") != v.name:
-                problems.append(f"{v.ref}: the manifest names {m.get('name')!r}: copied or moved from another name")
-            if "manifest_sha256" not in m:
-                notes.append(f"{v.ref}: manifest without a seal (written before nemo-adapt sealed manifests); its "
-                             "files are still checked")
-            elif m["manifest_sha256"] != manifest_seal(m):
-                problems.append(f"{v.ref}: manifest edited after it was written (its fields no longer match its "
-                                "manifest_sha256)")
+            found, noted = self._manifest_problems(v)
+            problems += found
+            notes += noted
             for rel, f in sorted((m.get("files") or {}).items()):
                 if not isinstance(f, dict) or not isinstance(f.get("sha256"), str):
                     problems.append(f"{v.ref}: {rel} has no sha256 in the manifest (edited or damaged)")
@@ -1072,7 +1115,7 @@ class Registry:
                     hashed[sha] = self._check_object(sha, int(f.get("size") or 0))
                 if hashed[sha]:
                     problems.append(f"{v.ref}: {rel} {hashed[sha]}")
-            problems += self._check_evaluation(v, hashed)
+            problems += self._check_evaluation(v, hashed) + self._base_problems(v, hashed)
         if ref is None:
             problems += self._check_audit({v.name: {x.id for x in versions if x.name == v.name} for v in versions})
             stored = {p.rsplit("/", 1)[-1] for p in self.store.find("objects/sha256")}
@@ -1085,6 +1128,33 @@ class Registry:
                 notes.append(f"{len(left)} temporary file(s) under {self.store.url}/tmp from interrupted writes "
                              "(harmless; safe to delete when no add is running)")
         return VerifyReport(len(versions), len(hashed), problems, notes)
+
+    def _manifest_problems(self, v: Version) -> tuple[list[str], list[str]]:
+        """(problems, notes) of a manifest on its own: id, name and seal."""
+        m, problems, notes = v.manifest, [], []
+        if m.get("id") != v.id or version_id(m.get("kind"), m.get("files") or {}) != v.id:
+            problems.append(f"{v.ref}: manifest does not match its id (edited or damaged)")
+        if m.get("name") != v.name:
+            problems.append(f"{v.ref}: the manifest names {m.get('name')!r}: copied or moved from another name")
+        if "manifest_sha256" not in m:
+            notes.append(f"{v.ref}: manifest without a seal (written before nemo-adapt sealed manifests); its "
+                         "files are still checked")
+        elif m["manifest_sha256"] != manifest_seal(m):
+            problems.append(f"{v.ref}: manifest edited after it was written (its fields no longer match its "
+                            "manifest_sha256)")
+        return problems, notes
+
+    def damage(self, v: Version) -> list[str]:
+        """What `promote` checks before judging a version, without re-hashing its files (that is `verify`): the
+        manifest's id, name and seal, and every stored file present with its recorded size."""
+        problems = self._manifest_problems(v)[0]
+        for rel, f in sorted((v.manifest.get("files") or {}).items()):
+            size = self.store.size(object_path(f["sha256"])) if isinstance(f, dict) and "sha256" in f else None
+            if size is None:
+                problems.append(f"{rel} is missing from the store")
+            elif size != f.get("size"):
+                problems.append(f"{rel} has {size} bytes, the manifest says {f.get('size')}")
+        return problems
 
     def _check_evaluation(self, v: Version, hashed: dict[str, str | None]) -> list[str]:
         """The stored eval.json (covered by the id) must be self-consistent and say what the manifest says of it."""
@@ -1104,6 +1174,26 @@ class Registry:
             out.append(f"{v.ref}: the manifest's evaluation summary differs from its stored {EVAL} (edited)")
         return out
 
+    def _base_problems(self, v: Version, hashed: dict[str, str | None]) -> list[str]:
+        """The manifest's base-model fingerprint derived again from the stored file that records it (a run's
+        results.json, an adapter's adapter_config.json)."""
+        files, art = v.manifest.get("files") or {}, v.manifest.get("artifact") or {}
+        for rel, key in (("results.json", "base_model_fingerprint"),
+                         (f"{art.get('dir')}/adapter_config.json", "base_model_fingerprint")):
+            entry = files.get(rel)
+            if not isinstance(entry, dict) or hashed.get(entry.get("sha256")):
+                continue
+            try:
+                recorded = json.loads(self.store.read(object_path(entry["sha256"])))
+            except (ValueError, UnicodeDecodeError, FileNotFoundError):
+                continue  # reported with the file itself
+            recorded = recorded.get(key) or (recorded.get("nemo_adapt") or {}).get(key)
+            claimed = (v.manifest.get("base_model") or {}).get("fingerprint")
+            if recorded and recorded != claimed:
+                return [f"{v.ref}: the manifest's base model {claimed} is not the {recorded} its stored {rel} records "
+                        "(edited)"]
+        return []
+
     def _check_object(self, sha: str, size: int) -> str | None:
         h, n = hashlib.sha256(), 0
         try:
@@ -1122,39 +1212,29 @@ class Registry:
             return f"does not match its sha256 (stored {sha[:12]}, now {h.hexdigest()[:12]}, {n} of {size} bytes)"
         return None
 
-    def _check_audit(self, known: dict[str, set[str]]) -> list[str]:
-        problems, stacks = [], {}
+    def _log_problems(self) -> list[str]:
+        """Where the audit log is not whole: unreadable entries, a gap in the numbering, a broken `prev` chain,
+        and an `AUDIT_HEAD` that names an entry the log no longer has (deleted) or with other bytes (edited).
+        Writers refuse to append to such a log (`_append`), so a damaged log is never written over."""
+        problems = []
         files = self._audit_files()
         chained = False  # entries written before the log was chained have no `prev`; once one has, all must
         for i, (fname, e) in enumerate(files, 1):
             if isinstance(e, str):
                 problems.append(f"audit entry {fname}: {e}")
                 continue
-            if e.get("seq") != i:
-                problems.append(f"audit entry {i}: sequence number {e.get('seq')} (entries missing or duplicated)")
+            if e.get("seq") != i or fname != f"{i:08d}.json":
+                problems.append(f"audit entry {i}: sequence number {e.get('seq')} in {fname} (entries missing or "
+                                "duplicated)")
                 break
             if "prev" in e:
                 chained = True
                 want = self._entry_sha.get(files[i - 2][0]) if i > 1 else None
                 if e["prev"] != want:
                     problems.append(f"audit entry {i - 1} was edited or replaced after entry {i} was written "
-                                    "(entry {i}'s link to it no longer matches)".replace("{i}", str(i)))
+                                    f"(entry {i}'s link to it no longer matches)")
             elif chained:
                 problems.append(f"audit entry {i}: no link to the entry before it (written by hand?)")
-            key = (e["name"], e["alias"])
-            stack = stacks.setdefault(key, [])
-            top = stack[-1] if stack else None
-            for field in ("to", "from"):
-                vid = e.get(field)
-                if vid is not None and vid not in known.get(e["name"], set()):
-                    problems.append(f"audit entry {i}: {e['name']}:{str(vid)[:12]} is not a registered version")
-            if e["action"] in ("promote", "rollback") and e.get("from") != top:
-                problems.append(f"audit entry {i}: {e['name']}:{e['alias']} moved from {str(e.get('from'))[:12]} but "
-                                f"stood at {str(top)[:12]} (a lost update)")
-            if e["action"] == "promote":
-                stack.append(e["to"])
-            elif e["action"] == "rollback" and stack:
-                stack.pop()
         head = self._head()
         if head is not None:
             seq = head.get("seq")
@@ -1169,6 +1249,28 @@ class Registry:
                                 f"{AUDIT_HEAD} recorded)")
         elif chained:
             problems.append(f"{AUDIT_HEAD} is missing although the audit log is chained (deleted?)")
+        return problems
+
+    def _check_audit(self, known: dict[str, set[str]]) -> list[str]:
+        """`_log_problems`, then each move checked against the versions and where its alias stood."""
+        problems = self._log_problems()
+        stacks: dict[tuple[str, str], list[str]] = {}
+        for i, (_, e) in enumerate(self._audit_files(), 1):
+            if isinstance(e, str) or e.get("seq") != i:
+                break
+            stack = stacks.setdefault((e["name"], e["alias"]), [])
+            top = stack[-1] if stack else None
+            for field in ("to", "from"):
+                vid = e.get(field)
+                if vid is not None and vid not in known.get(e["name"], set()):
+                    problems.append(f"audit entry {i}: {e['name']}:{str(vid)[:12]} is not a registered version")
+            if e["action"] in ("promote", "rollback") and e.get("from") != top:
+                problems.append(f"audit entry {i}: {e['name']}:{e['alias']} moved from {str(e.get('from'))[:12]} but "
+                                f"stood at {str(top)[:12]} (a lost update)")
+            if e["action"] == "promote":
+                stack.append(e["to"])
+            elif e["action"] == "rollback" and stack:
+                stack.pop()
         return problems
 
     # ---- reading for people
@@ -1217,7 +1319,11 @@ class Registry:
             for rel, f in v.manifest["files"].items():
                 dest = staged / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                self.store.fetch(object_path(f["sha256"]), dest)
+                try:
+                    self.store.fetch(object_path(f["sha256"]), dest)
+                except FileNotFoundError:
+                    raise ConfigError(f"{v.ref}: stored {rel} is missing from the store (sha256 {f['sha256'][:12]}); "
+                                      "run `nemo-adapt registry verify`") from None
                 from nemo_adapt.data.fingerprint import sha256_file
 
                 if sha256_file(dest) != f["sha256"]:
@@ -1234,6 +1340,25 @@ class Registry:
         return v, out
 
 
+def _merge_status(manifest: dict) -> str:
+    """The merge's recorded status, as the merged-model rule judges it: `validated` only with what validation
+    leaves behind (`nemo-adapt merge --validate`: one passing outcome per task, each with its score, n and
+    threshold) and the merge's parents; a bare `status: validated` is not evidence."""
+    merge = manifest.get("merge") or {}
+    status = merge.get("status") or "unknown"
+    if status != "validated":
+        return status
+    outcomes = merge.get("validation")
+    if not isinstance(outcomes, list) or not outcomes or not all(
+            isinstance(o, dict) and o.get("passed") is True and isinstance(o.get("n"), int) and o["n"] > 0
+            and isinstance(o.get("exact_match"), int | float) and isinstance(o.get("threshold"), int | float)
+            and o["exact_match"] >= o["threshold"] for o in outcomes):
+        return "validated, but no passing validation outcomes (task, score, n, threshold) are recorded"
+    if not manifest.get("parents"):
+        return "validated, but the merge records no parents"
+    return status
+
+
 def _weights_sha(v: Version) -> str | None:
     """sha256 of a version's adapter weights (what merge configs and init_from name), or None."""
     art = v.manifest.get("artifact") or {}
@@ -1244,9 +1369,11 @@ def _weights_sha(v: Version) -> str | None:
 def _check_alias(alias: str) -> None:
     if alias in RESERVED_ALIASES:
         raise ConfigError(f"alias {alias!r} is reserved (NAME:latest is always the newest version)")
-    if not _ALIAS.match(alias) or re.fullmatch(r"[0-9a-f]+", alias):
-        raise ConfigError(f"alias {alias!r}: use lower-case letters, digits, '_' or '-', starting with a letter and "
-                          "not all hex digits (it would read as a version id)")
+    if len(alias) > 64:
+        raise ConfigError(f"alias {alias[:20]!r}... is {len(alias)} characters long; at most 64")
+    if not _ALIAS.match(alias) or _HEX.match(alias):
+        raise ConfigError(f"alias {alias!r}: use lower-case letters, digits, '_' or '-', starting with a letter, and "
+                          "not 4 or more hex digits alone (that reads as a version id)")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -31,6 +31,7 @@ import json
 import os
 import sys
 from datetime import datetime
+from pathlib import Path
 
 from nemo_adapt.errors import ConfigError
 
@@ -110,8 +111,15 @@ def _guarded(func):
                 raise ConfigError(f"registry {location} is not writable ({err.strerror}: {err.filename}); name a "
                                   f"registry you can write to (--registry or ${ENV}) or ask its owner") from None
             if isinstance(err, NotADirectoryError) and _under(err.filename, root):
+                blocker = next((q for q in Path(root).absolute().parents if q.is_file()), None)
+                if blocker is not None:
+                    raise ConfigError(f"registry {location}: {blocker} is a file, so no registry can live under it; "
+                                      f"name a directory (--registry or ${ENV})") from None
                 raise ConfigError(f"registry {location}: {err.filename} is not a directory (the registry's layout "
                                   "is damaged, or the location is not a registry)") from None
+            if _under(err.filename, root) or _under(getattr(err, "filename2", None), root):
+                raise ConfigError(f"registry {location}: {err.strerror or err} ({err.filename}); name a directory "
+                                  f"you can create and write (--registry or ${ENV})") from None
             raise
         except Exception as err:
             if any(c.__name__ in ("NoCredentialsError", "PartialCredentialsError") for c in type(err).__mro__):
@@ -135,7 +143,10 @@ def _registry(args, read: bool = True):
 
 
 def cmd_add(args) -> int:
+    if args.name is not None and not args.name.strip():
+        raise ConfigError("--name is empty; give a name, or leave --name out for the default")
     reg = _registry(args, read=False)
+    reg.check_usable_for_writing()
     res = reg.add(args.path, name=args.name, eval_file=args.eval, baseline_file=args.baseline, scenario=args.scenario)
     v, m = res.version, res.version.manifest
     if res.created:
@@ -149,6 +160,8 @@ def cmd_add(args) -> int:
     print(f"  base model {base or '?'}; dataset {data or '?'}; {_metric(m)}")
     if (m.get("wandb") or {}).get("url"):
         print(f"  W&B artifact {m['wandb'].get('artifact')}: {m['wandb']['url']}")
+    if res.created and not m.get("evaluation") and any(x.manifest.get("evaluation") for x in reg.versions(v.name)):
+        print(f"  note: {v.name}:latest now names this unevaluated version; promote evaluated ones by id or alias")
     for note in res.notes:
         print(f"note: {note}")
     return 0
@@ -248,9 +261,9 @@ def cmd_lineage(args) -> int:
     b = m.get("base_model") or {}
     print(f"  base model    {b.get('fingerprint') or '?'} ({b.get('checkpoint') or b.get('name') or '?'})")
     d = m.get("dataset") or {}
-    if d:
+    if d.get("fingerprint") or d.get("test_sha256"):
         splits = ", ".join(f"{k} {str(s)[:12]}" for k, s in (d.get("splits") or {}).items())
-        print(f"  dataset       {str(d.get('fingerprint'))[:12]}{f' ({splits})' if splits else ''}"
+        print(f"  dataset       {str(d.get('fingerprint') or '?')[:12]}{f' (fingerprints: {splits})' if splits else ''}"
               f"{'; evaluated on test sha256 ' + str(d.get('test_sha256'))[:12] if d.get('test_sha256') else ''}")
     recipe = m.get("recipe") or {}
     if recipe:
@@ -366,7 +379,8 @@ def register(sub) -> None:
     a.add_argument("--name", help="registry name (default: the run's name, else the directory's)")
     a.add_argument("--eval", help="evaluation to record (a `nemo-adapt eval` JSON; default: a run's eval.json; "
                    "`none`: record none)")
-    a.add_argument("--baseline", help="prompt-only baseline to record (eval_baseline.json; default: a run's own)")
+    a.add_argument("--baseline", help="prompt-only baseline to record (eval_baseline.json; default: a run's own; "
+                   "`none`: record none)")
     a.add_argument("--scenario", help="for a strategy study's output directory: add the candidate it recommends for "
                    "this scenario (with the study's baseline)")
     ls = verb("list", cmd_list, "names, versions, aliases and each version's task metric")

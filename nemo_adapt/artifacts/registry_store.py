@@ -77,6 +77,9 @@ class Store(Protocol):
     def replace(self, rel: str, data: bytes) -> None:
         """Write `data` at `rel` whole, replacing what is there (only for the audit log's head pointer)."""
 
+    def size(self, rel: str) -> int | None:
+        """Bytes at `rel`, or None when absent (one stat or HEAD request; no read)."""
+
     def fetch(self, rel: str, dest: Path) -> None:
         """Copy `rel` to the local file `dest`."""
 
@@ -192,6 +195,12 @@ class LocalStore:
             os.replace(staged, self._path(rel))  # atomic: a reader sees the old or the new pointer, never half
         finally:
             staged.unlink(missing_ok=True)
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return self._path(rel).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def fetch(self, rel: str, dest: Path) -> None:
         shutil.copyfile(self._path(rel), dest)
@@ -340,6 +349,12 @@ class FsspecStore:
 
     def replace(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self._path(rel), data)  # one PUT: the object is replaced whole
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return int(self.fs.size(self._path(rel)))
+        except FileNotFoundError:
+            return None
 
     def fetch(self, rel: str, dest: Path) -> None:
         self.fs.get_file(self._path(rel), str(dest))

@@ -203,3 +203,119 @@ def test_every_kind_of_version_round_trips_through_get_and_add(env, capsys):
         assert code == 0, err
         assert added_id(out) == vid and "already registered" in out, (kind, out)
         assert Registry().resolve(f"{kind}:{vid}").manifest["kind"] == kind
+
+
+def test_writers_refuse_a_damaged_audit_log_so_damage_cannot_be_buried(env, capsys):
+    vid = _promote_twice(env, capsys)
+    (env.reg / "audit" / "00000002.json").unlink()  # the production promotion erased...
+    (env.reg / AUDIT_HEAD).unlink()  # ...with its trace in the head
+    code, _, err = cli(capsys, "promote", f"triage:{vid}", "--to", "canary", "--gates", str(env.gates))
+    assert code == 2 and "the audit log is damaged" in err and "nothing was written" in err
+    assert sorted(p.name for p in (env.reg / "audit").iterdir()) == ["00000001.json"]  # nothing appended over it
+    assert cli(capsys, "rollback", "triage:staging")[0] == 2
+    assert cli(capsys, "verify")[0] == 1
+
+
+def test_a_damaged_version_is_not_promoted_and_get_says_so_in_one_line(env, capsys):
+    vid = added_id(cli(capsys, "add", str(env.run_a))[1])
+    v = Registry().resolve(f"triage:{vid}")
+    (env.reg / object_path(v.manifest["files"]["adapter/adapter_model.safetensors"]["sha256"])).unlink()
+    code, _, err = cli(capsys, "promote", f"triage:{vid}", "--to", "staging", "--gates", str(env.gates))
+    assert code == 2 and "is damaged (adapter/adapter_model.safetensors is missing from the store)" in err
+    assert not (env.reg / "audit").exists() or not list((env.reg / "audit").iterdir())
+    code, _, err = cli(capsys, "get", f"triage:{vid}", "--out", str(env.tmp / "got"))
+    assert code == 2 and "adapter/adapter_model.safetensors is missing from the store" in err
+    assert "Traceback" not in err and not (env.tmp / "got").exists()
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda r: r["metrics"]["exact_match"].update(low=0.88, high=0.95), "lies outside its own interval [0.88, 0.95]"),
+    (lambda r: r["suites"]["safety"].update(cases=3), "suite safety: checked = 5 of its 3 cases"),
+    (lambda r: r["suites"]["safety"].update({"pass": "false"}), "suite safety: pass = 'false' is not true or false"),
+    (lambda r: r["inference_cost"]["as_evaluated"].update(peak_memory_bytes=-5), "peak_memory_bytes = -5 is not a size"),
+    (lambda r: r["metrics"]["ci"].update(level=0.5), "metrics.ci.level = 0.5, but gates judge 95% intervals"),
+    (lambda r: r["metrics"].update(confusion={"priority": {"P1": {"P1": 500}}}), "metrics.confusion.priority counts 500"),
+])
+def test_more_contradictions_in_an_evaluation_are_refused(env, capsys, edit, expected):
+    result = json.loads((env.run_a / "eval.json").read_text())
+    edit(result)
+    (env.run_a / "eval.json").write_text(json.dumps(result))
+    code, _, err = cli(capsys, "add", str(env.run_a))
+    assert code == 2 and expected in err, err
+
+
+def test_a_baseline_of_another_model_or_test_split_is_refused(env, capsys):
+    base = json.loads((env.run_a / "eval_baseline.json").read_text())
+    other = json.loads(json.dumps(base))
+    other["baseline"]["provenance"]["model"] = {"fingerprint": "llama3_8b@1111111111111111"}
+    (env.tmp / "other_model.json").write_text(json.dumps(other))
+    code, _, err = cli(capsys, "add", str(env.run_a), "--baseline", str(env.tmp / "other_model.json"))
+    assert code == 2 and "evaluated model llama3_8b@1111111111111111, but this version's base model is tiny_llama@" in err
+    other = json.loads(json.dumps(base))
+    other["baseline"]["provenance"]["test_sha256"] = "f" * 64
+    (env.tmp / "other_split.json").write_text(json.dumps(other))
+    code, _, err = cli(capsys, "add", str(env.run_a), "--baseline", str(env.tmp / "other_split.json"))
+    assert code == 2 and "scored on test sha256 ffffffffffff" in err
+    other = json.loads(json.dumps(base))
+    other["baseline"]["correct"] = 14  # of 200, but exact match 0.1
+    (env.tmp / "contradicts.json").write_text(json.dumps(other))
+    code, _, err = cli(capsys, "add", str(env.run_a), "--baseline", str(env.tmp / "contradicts.json"))
+    assert code == 2 and "baseline: correct / n = 14/200" in err
+    code, out, _ = cli(capsys, "add", str(env.run_a), "--baseline", "none")
+    assert code == 0 and "eval_baseline.json" not in Registry().resolve("triage").manifest["files"]
+
+
+def test_a_bare_validated_status_does_not_satisfy_the_merged_model_rule(env, capsys):
+    merged = write_merged(env.tmp / "merged", "validated", parents=[env.run_a / "adapter"])
+    cfg = json.loads((merged / "merge_config.json").read_text())
+    (merged / "merge_config.json").write_text(json.dumps({"status": "validated"}))  # written by hand
+    vid = added_id(cli(capsys, "add", str(merged), "--eval", str(_merged_eval(env, merged)))[1])
+    code, _, err = cli(capsys, "promote", f"merged:{vid}", "--to", "production", "--gates", str(env.gates))
+    assert code == 1 and "validated, but no passing validation outcomes" in err
+    assert cfg["validation"][0]["passed"] is True  # what `merge --validate` would have recorded
+
+
+def _merged_eval(env, merged) -> os.PathLike:
+    """An evaluation of the merged model's weights (its fingerprint recomputed as `registry add` does)."""
+    from types import SimpleNamespace
+
+    from nemo_adapt.models.loader import base_fingerprint
+
+    fp = base_fingerprint(SimpleNamespace(spec=SimpleNamespace(name="tiny_llama"), location=str(merged)))
+    path = env.tmp / "merged_eval.json"
+    path.write_text(json.dumps(eval_result(env.test, None, model={"architecture": "tiny_llama", "fingerprint": fp})))
+    return path
+
+
+def test_odd_locations_names_and_refs_get_one_clear_line(env, capsys):
+    other = env.tmp / "notes"
+    other.mkdir()
+    (other / "readme.txt").write_text("not a registry")
+    code, _, err = cli(capsys, "add", str(env.run_a), "--registry", str(other))
+    assert code == 2 and "is not a registry: it holds readme.txt" in err
+    assert sorted(p.name for p in other.iterdir()) == ["readme.txt"]
+    code, _, err = cli(capsys, "add", str(env.run_a), "--registry", str(other / "readme.txt" / "reg"))
+    assert code == 2 and "readme.txt is a file, so no registry can live under it" in err
+    code, _, err = cli(capsys, "add", str(env.run_a), "--name", " ")
+    assert code == 2 and "--name is empty" in err
+
+    vid = added_id(cli(capsys, "add", str(env.run_a))[1])
+    assert cli(capsys, "show", f"triage:{vid.upper()[:8]}")[0] == 0  # an id copied in upper case
+    assert cli(capsys, "promote", f"triage:{vid}", "--to", "c1", "--gates", str(env.gates))[0] == 0  # 2 hex digits
+    code, _, err = cli(capsys, "promote", f"triage:{vid}", "--to", "beef", "--gates", str(env.gates))
+    assert code == 2 and "not 4 or more hex digits alone" in err
+    code, _, err = cli(capsys, "promote", f"triage:{vid}", "--to", "a" * 300, "--gates", str(env.gates))
+    assert code == 2 and "is 300 characters long; at most 64" in err
+
+
+def test_verify_derives_the_base_model_again_from_the_stored_files(env, capsys):
+    from nemo_adapt.artifacts.registry import manifest_seal
+
+    vid = added_id(cli(capsys, "add", str(env.run_a))[1])
+    path, _ = _manifest_path(env, "triage", vid)
+    m = json.loads(path.read_text())
+    m["base_model"]["fingerprint"] = "llama3_8b@2222222222222222"
+    m["manifest_sha256"] = manifest_seal(m)  # re-sealed: the seal alone cannot tell
+    _writable(path).write_text(json.dumps(m))
+    code, out, _ = cli(capsys, "verify")
+    assert code == 1 and "the manifest's base model llama3_8b@2222222222222222 is not the tiny_llama@" in out
