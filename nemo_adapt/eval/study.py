@@ -421,6 +421,16 @@ def write_candidate_recipe(study: Study, c: Candidate, dest: Path) -> Path:
     return dest
 
 
+def _own_words(err: Exception, written: Path, c: Candidate) -> str:
+    """An error about a candidate's written recipe, naming what the user wrote instead: the recipe file and the
+    study's `peft:` section (the written file is a temporary merge of the two)."""
+    text = str(err)
+    if Path(written) != Path(c.recipe):
+        text = re.sub(re.escape(str(written)) + r"(:\d+)*:?\s*", "", text)  # its file:line mean nothing to the user
+        text = f"{text} (recipe {c.recipe} with the study's peft section {dict(c.peft)})"
+    return text
+
+
 def check_candidates(study: Study, recipe_dir: Path) -> dict[str, Any]:
     """Load every candidate's recipe as `nemo-adapt run` would, and check it uses the study's dataset version.
 
@@ -453,8 +463,8 @@ def check_candidates(study: Study, recipe_dir: Path) -> dict[str, Any]:
                     pass
                 else:
                     raise ConfigError(f"{study.path}: overrides (applied to every candidate; here to {c.name!r}, "
-                                      f"recipe {c.recipe}): {err}") from None
-            raise ConfigError(f"{where}: {err}") from None
+                                      f"recipe {c.recipe}): {_own_words(err, recipe, c)}") from None
+            raise ConfigError(f"{where}: {_own_words(err, recipe, c)}") from None
         for split in SPLITS:
             theirs = getattr(cfg.data, split)
             ours = study.dataset.files.get(split)
