@@ -96,7 +96,7 @@ class _Run:
     method: Any              # the PEFT method applied (None: full fine-tuning)
     plan: Any                # engine.BatchPlan
     steps: Any               # engine.StepData: which samples each step reads
-    logger: Any              # logging.RunLogger
+    logger: Any              # logging.RunLogger (set when the run directory opens)
     preemption: Any          # training.signals.PreemptionHandler
     fingerprint: str         # the base model's
     layout: dict
@@ -170,7 +170,7 @@ def run(recipe: str, overrides: list[str]) -> int:
         exit_code = 1
         return exit_code
     finally:
-        if r is not None:
+        if r is not None and r.logger is not None:
             r.logger.close(exit_code)  # W&B marks the run failed on a non-zero code
         preemption.restore()
         runtime.shutdown()
@@ -244,13 +244,9 @@ def _build_model(cfg, source, tokenizer, start_adapter, resuming: bool, main_ran
 
 def _setup(cfg, info, run_dir: Path, source, start_adapter, resume_from: tuple, preemption) -> _Run:
     """Data, model + PEFT, optimizer, the resumed checkpoint; then (only then) the run directory and the logger."""
-    from nemo_adapt.config import config_to_dict, save_resolved
-    from nemo_adapt.data.dataset import data_summary
-    from nemo_adapt.logging import RunLogger
     from nemo_adapt.models.loader import base_fingerprint
     from nemo_adapt.peft.base import trainable_parameters
     from nemo_adapt.tokenizer import load_tokenizer
-    from nemo_adapt.training import checkpoint as ckpt
     from nemo_adapt.training import engine, resume
 
     latest, state, settings, accepted = resume_from
@@ -273,54 +269,71 @@ def _setup(cfg, info, run_dir: Path, source, start_adapter, resume_from: tuple, 
     if data.validation is not None and len(data.validation) < plan.global_batch_size:
         raise ConfigError(f"the validation split has {len(data.validation)} rows, fewer than "
                           f"train.global_batch_size={plan.global_batch_size}")
-    fingerprint = base_fingerprint(source)
-    layout = {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
-              "context": p.context, "data": info.data_parallel}
-    tokens_seen = 0
+    r = _Run(cfg=cfg, info=info, run_dir=run_dir, source=source, tokenizer=tokenizer, data=data, chunks=chunks,
+             ddp=ddp, optimizer=optimizer, method=method, plan=plan, steps=steps, logger=None, preemption=preemption,
+             fingerprint=base_fingerprint(source), settings=settings, n_trainable=n_trainable,
+             total_steps=total_steps, coverage={}, latest=latest, step=start_step, consumed=consumed,
+             layout={"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
+                     "context": p.context, "data": info.data_parallel})
     if state is not None:
-        if state.base_model_fingerprint != fingerprint:
-            raise ConfigError(f"checkpoint {str(latest)!r} was trained on base model {state.base_model_fingerprint}, "
-                              f"but model.checkpoint is {fingerprint}")
-        if state.peft_method != cfg.peft.method:
-            raise ConfigError(f"checkpoint {str(latest)!r} was trained with peft.method={state.peft_method!r}, "
-                              f"the recipe now says {cfg.peft.method!r}")
-        new_data = data.fingerprint["combined"]
-        if state.data_fingerprint != new_data:
-            accepted += resume.check_settings(None, settings, cfg.checkpoint.resume_changes, str(latest),
-                                              data_changed=(state.data_fingerprint, new_data))
-        ckpt.load_checkpoint(latest, ddp, optimizer, cfg.peft.method != "none", same_layout=state.layout == layout)
-        tokens_seen = state.tokens_seen
-        if accepted and main_rank:
-            print(_describe_changes(accepted, state, cfg, start_step, total_steps), flush=True)
-    coverage = steps.coverage(consumed, consumed + (total_steps - start_step) * plan.global_batch_size)
+        _load_resumed(r, state, accepted)
+    r.coverage = steps.coverage(consumed, consumed + (total_steps - start_step) * plan.global_batch_size)
     if main_rank:
-        print(_describe_coverage(coverage, total_steps - start_step, plan.global_batch_size), flush=True)
+        print(_describe_coverage(r.coverage, total_steps - start_step, plan.global_batch_size), flush=True)
+    _open_run_dir(r, accepted)
+    return r
 
-    # Only now, with data, model and any checkpoint validated, does the run directory come to exist:
-    # a bad input leaves nothing behind (and never touches an existing run's checkpoints).
-    if main_rank:
+
+def _load_resumed(r: _Run, state, accepted: list) -> None:
+    """Load the checkpoint `r.latest` (`state` its record) after checking it is this run's: the same base model and
+    method, and data changed only as `checkpoint.resume_changes` allows."""
+    from nemo_adapt.training import checkpoint as ckpt
+    from nemo_adapt.training import resume
+
+    cfg, latest = r.cfg, r.latest
+    if state.base_model_fingerprint != r.fingerprint:
+        raise ConfigError(f"checkpoint {str(latest)!r} was trained on base model {state.base_model_fingerprint}, "
+                          f"but model.checkpoint is {r.fingerprint}")
+    if state.peft_method != cfg.peft.method:
+        raise ConfigError(f"checkpoint {str(latest)!r} was trained with peft.method={state.peft_method!r}, "
+                          f"the recipe now says {cfg.peft.method!r}")
+    new_data = r.data.fingerprint["combined"]
+    if state.data_fingerprint != new_data:
+        accepted += resume.check_settings(None, r.settings, cfg.checkpoint.resume_changes, str(latest),
+                                          data_changed=(state.data_fingerprint, new_data))
+    ckpt.load_checkpoint(latest, r.ddp, r.optimizer, r.trainable_only, same_layout=state.layout == r.layout)
+    r.tokens_seen = state.tokens_seen
+    if accepted and r.main_rank:
+        print(_describe_changes(accepted, state, cfg, r.step, r.total_steps), flush=True)
+
+
+def _open_run_dir(r: _Run, accepted: list) -> None:
+    """Only now, with data, model and any checkpoint validated, does the run directory come to exist (a bad input
+    leaves nothing behind and never touches an existing run's checkpoints); then the logger (`r.logger`)."""
+    from nemo_adapt.config import config_to_dict, save_resolved
+    from nemo_adapt.data.dataset import data_summary
+    from nemo_adapt.logging import RunLogger
+    from nemo_adapt.training import checkpoint as ckpt
+
+    cfg, run_dir, start = r.cfg, r.run_dir, r.step
+    if r.main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_interrupted(run_dir)
         save_resolved(cfg, run_dir / "config.yaml")
     dist.barrier()
-    logger = RunLogger(cfg.logging, run_dir, cfg.run.name, config_to_dict(cfg), is_main=main_rank,
-                       total_steps=total_steps, start_step=start_step)
-    if main_rank:
-        logger.truncate_after(start_step)
-        (run_dir / "data_fingerprint.json").write_text(json.dumps(
-            {"fingerprint": data.fingerprint, "stats": data.stats}, indent=2, default=str) + "\n")
-        logger.update_summary(data_summary(data))
-        if latest is not None:
-            logger.event("resumed", step=start_step, checkpoint=latest.name, layout=layout,
-                         consumed_samples=consumed)
-            if accepted:
-                logger.event("resume_changes", step=start_step, changes=[
-                    {"key": k, "checkpoint": o, "recipe": n} for k, o, n in accepted])
-    return _Run(cfg=cfg, info=info, run_dir=run_dir, source=source, tokenizer=tokenizer, data=data, chunks=chunks,
-                ddp=ddp, optimizer=optimizer, method=method, plan=plan, steps=steps, logger=logger,
-                preemption=preemption, fingerprint=fingerprint, layout=layout, settings=settings,
-                n_trainable=n_trainable, total_steps=total_steps, coverage=coverage, latest=latest,
-                step=start_step, consumed=consumed, tokens_seen=tokens_seen)
+    r.logger = RunLogger(cfg.logging, run_dir, cfg.run.name, config_to_dict(cfg), is_main=r.main_rank,
+                         total_steps=r.total_steps, start_step=start)
+    if not r.main_rank:
+        return
+    r.logger.truncate_after(start)
+    (run_dir / "data_fingerprint.json").write_text(json.dumps(
+        {"fingerprint": r.data.fingerprint, "stats": r.data.stats}, indent=2, default=str) + "\n")
+    r.logger.update_summary(data_summary(r.data))
+    if r.latest is not None:
+        r.logger.event("resumed", step=start, checkpoint=r.latest.name, layout=r.layout, consumed_samples=r.consumed)
+        if accepted:
+            r.logger.event("resume_changes", step=start, changes=[
+                {"key": k, "checkpoint": o, "recipe": n} for k, o, n in accepted])
 
 
 def _save(r: _Run) -> Path:
