@@ -119,11 +119,24 @@ def format_breakdown(cand: Candidate) -> list[str]:
     return lines
 
 
+def _non_default(method: str, args: dict) -> dict:
+    """The method arguments that differ from the method's config defaults (what the header needs to say)."""
+    from nemo_adapt.peft.base import peft_config_class
+
+    defaults = peft_config_class(method)()
+    out = {}
+    for k, v in args.items():
+        default = getattr(defaults, k, None)
+        if (list(v) if isinstance(v, tuple) else v) != (list(default) if isinstance(default, tuple) else default):
+            out[k] = ",".join(map(str, v)) if isinstance(v, list | tuple) else v
+    return out
+
+
 def format_plan(result: PlanResult, top: int = 10) -> str:
     """Human-readable plan: header, the recipe's layout, the ranking, what does not fit and why."""
     req, spec, gpu = result.request, result.model, result.gpu
     method = req.method if req.method != "none" else "full fine-tuning"
-    args = ", ".join(f"{k}={v}" for k, v in req.peft_args.items() if k != "target_modules")
+    args = ", ".join(f"{k}={v}" for k, v in _non_default(req.method, req.peft_args).items())
     lines = [
         f"Plan for {spec.name} · {method}{f' ({args})' if args else ''} · {req.precision} · seq {req.seq_length} "
         f"· global batch {req.global_batch_size}",
