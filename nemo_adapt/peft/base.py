@@ -99,6 +99,12 @@ class PeftMethod:
         processes seq_length + this many positions. 0 for methods that leave the sequence as it is."""
         return 0
 
+    @classmethod
+    def attended_tokens(cls, config: PeftConfig) -> int:
+        """Positions every query attends beyond the sequence without being part of it (prefix tuning's keys and
+        values): they cost attention and KV-cache memory, not positions. 0 for other methods."""
+        return 0
+
     def __init__(self, config: PeftConfig):
         self.config = config
 

@@ -248,6 +248,10 @@ class PrefixTuning(PeftMethod):
         return {"prefix.embedding": n * h, "prefix.mlp": (h * hid + hid) + (hid * kv_width + kv_width)}, saved
 
     @classmethod
+    def attended_tokens(cls, config):
+        return config.num_prefix_tokens
+
+    @classmethod
     def rank_parameter_counts(cls, config, spec, tp):
         """Prefixes split by layer and local KV head. Reparameterised: the embedding n x h and the first Linear
         h -> H are shared by all layers (replicated on every rank); each layer holds its rows of the output

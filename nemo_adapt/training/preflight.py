@@ -167,13 +167,15 @@ def check_test_split(cfg, source, tokenizer=None, announce: bool = True) -> dict
         fit_prompts,
         prompt_budget,
     )
+    from nemo_adapt.peft.base import get_peft_method
     from nemo_adapt.tokenizer import load_tokenizer
 
     d, e = cfg.data, cfg.eval
     if not (e.enabled and d.test):
         return {}
     tokenizer = tokenizer or load_tokenizer(source.tokenizer_path)
-    n_virtual = int(getattr(cfg.peft, "num_virtual_tokens", 0) or 0)  # prompt / p-tuning positions
+    method = get_peft_method(cfg.peft.method)
+    n_virtual = method.context_tokens(cfg.peft) if method is not None else 0  # prompt / p-tuning positions
     context = source.spec.max_position_embeddings
     limit = e.max_examples or None
     reports = {}
