@@ -706,38 +706,27 @@ class Registry:
 
     # ---- reading
 
-    def check_exists(self) -> None:
-        """For reading: refuse a location that is not a registry, so a typo is not read as an empty registry.
+    def check_exists(self, writing: bool = False) -> None:
+        """Refuse a location that is not a registry, so a typo is neither read as an empty registry nor turned
+        into one (`add` would scatter objects/ and versions/ into an unrelated directory).
 
-        An empty (or, on an object store, absent) location is an empty registry.
+        An empty (or, on an object store, absent) location is an empty registry; for writing, a missing local
+        directory is created by the first write.
 
         Raises:
-            ConfigError: a local location that does not exist, or one that holds other files and none of a
+            ConfigError: (reading) a local location that does not exist; one that holds other files and none of a
                 registry's own (versions/, objects/, audit/).
         """
         root = getattr(self.store, "root", None)
-        if isinstance(root, Path) and not root.exists():
+        if not writing and isinstance(root, Path) and not root.exists():
             raise ConfigError(f"no registry at {self.store.url}: it does not exist (registries are made by "
                               f"`nemo-adapt registry add`; name one with --registry or ${ENV})")
-        entries = set(self.store.listdir(""))
-        if entries and not entries & {"versions", "objects", "audit"}:
-            shown = ", ".join(sorted(entries)[:8])
-            raise ConfigError(f"no registry at {self.store.url}: it holds {shown}{', ...' if len(entries) > 8 else ''} "
-                              f"but no versions/, objects/ or audit/ (name the registry with --registry or ${ENV})")
-
-    def check_usable_for_writing(self) -> None:
-        """For `add`: a location that holds other files and none of a registry's own is refused, so a typo
-        (`--registry runs`) does not scatter objects/ and versions/ into an unrelated directory.
-
-        Raises:
-            ConfigError: naming what the directory holds.
-        """
         entries = set(self.store.listdir("")) - {"tmp", ".lock"}
         if entries and not entries & {"versions", "objects", "audit", AUDIT_HEAD}:
             shown = ", ".join(sorted(entries)[:8])
-            raise ConfigError(f"{self.store.url} is not a registry: it holds {shown}{', ...' if len(entries) > 8 else ''} "
-                              f"but no versions/, objects/ or audit/; name an empty or new directory, or an existing "
-                              f"registry (--registry or ${ENV})")
+            raise ConfigError(f"no registry at {self.store.url}: it holds {shown}{', ...' if len(entries) > 8 else ''} "
+                              f"but no versions/, objects/ or audit/ (name the registry with --registry or ${ENV}"
+                              f"{'; `add` starts a new one in an empty or new directory' if writing else ''})")
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

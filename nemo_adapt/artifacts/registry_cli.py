@@ -146,7 +146,7 @@ def cmd_add(args) -> int:
     if args.name is not None and not args.name.strip():
         raise ConfigError("--name is empty; give a name, or leave --name out for the default")
     reg = _registry(args, read=False)
-    reg.check_usable_for_writing()
+    reg.check_exists(writing=True)
     res = reg.add(args.path, name=args.name, eval_file=args.eval, baseline_file=args.baseline, scenario=args.scenario)
     v, m = res.version, res.version.manifest
     if res.created:
