@@ -779,8 +779,11 @@ class Registry:
         Raises:
             ConfigError: an audit entry is damaged (named; `nemo-adapt registry verify` lists every problem).
         """
+        return self._entries_of(self._audit_files())
+
+    def _entries_of(self, files: list[tuple[str, dict | str]]) -> list[dict]:
         out = []
-        for entry, e in self._audit_files():
+        for entry, e in files:
             if isinstance(e, str):
                 raise ConfigError(f"{self.store.url}/audit/{entry}: {e}; the audit log is damaged (run `nemo-adapt "
                                   "registry verify`)")
@@ -936,12 +939,13 @@ class Registry:
         """
         for _ in range(_RETRIES):
             with self.store.lock():
-                damaged = self._log_problems()
+                files = self._audit_files()  # one listing serves the check and the entries
+                damaged = self._log_problems(files)
                 if damaged:  # appending would bury the damage under a valid-looking entry
                     raise ConfigError(f"registry {self.store.url}: the audit log is damaged ({'; '.join(damaged)}); "
                                       "nothing was written. Restore the log from a backup (`nemo-adapt registry "
                                       "verify` lists every problem)")
-                entries = self.audit()
+                entries = self._entries_of(files)
                 entry = make(entries)
                 if entry is None:
                     return None
@@ -1201,12 +1205,12 @@ class Registry:
             return f"does not match its sha256 (stored {sha[:12]}, now {h.hexdigest()[:12]}, {n} of {size} bytes)"
         return None
 
-    def _log_problems(self) -> list[str]:
+    def _log_problems(self, files: list[tuple[str, dict | str]] | None = None) -> list[str]:
         """Where the audit log is not whole: unreadable entries, a gap in the numbering, a broken `prev` chain,
         and an `AUDIT_HEAD` that names an entry the log no longer has (deleted) or with other bytes (edited).
         Writers refuse to append to such a log (`_append`), so a damaged log is never written over."""
         problems = []
-        files = self._audit_files()
+        files = self._audit_files() if files is None else files
         chained = False  # entries written before the log was chained have no `prev`; once one has, all must
         for i, (fname, e) in enumerate(files, 1):
             if isinstance(e, str):
@@ -1242,9 +1246,10 @@ class Registry:
 
     def _check_audit(self, known: dict[str, set[str]]) -> list[str]:
         """`_log_problems`, then each move checked against the versions and where its alias stood."""
-        problems = self._log_problems()
+        files = self._audit_files()
+        problems = self._log_problems(files)
         stacks: dict[tuple[str, str], list[str]] = {}
-        for i, (_, e) in enumerate(self._audit_files(), 1):
+        for i, (_, e) in enumerate(files, 1):
             if isinstance(e, str) or e.get("seq") != i:
                 break
             stack = stacks.setdefault((e["name"], e["alias"]), [])

@@ -154,11 +154,6 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISI
     return -(-vocab_size // multiple) * multiple
 
 
-def local_kv_heads(spec: ModelSpec, tp: int) -> int:
-    """KV heads per TP rank (`ModelSpec.local_kv_heads`)."""
-    return spec.local_kv_heads(tp)
-
-
 # --------------------------------------------------------------------------------------------------
 # PEFT parameters: each method states its own (`PeftMethod.parameter_counts`, `rank_parameter_counts`,
 # `context_tokens`); the planner keeps no table of methods.
@@ -314,7 +309,7 @@ def rank_params(spec: ModelSpec, tp: int) -> RankParams:
     """
     h, d, f = spec.hidden_size, spec.kv_channels, spec.ffn_hidden_size
     a_loc = spec.num_attention_heads // tp
-    kv_loc = local_kv_heads(spec, tp)
+    kv_loc = spec.local_kv_heads(tp)
     qkv_out = (a_loc + 2 * kv_loc) * d
     gemm = h * qkv_out + a_loc * d * h + h * (2 * f // tp) + (f // tp) * h
     bias = qkv_out if spec.qkv_bias else 0
@@ -750,7 +745,7 @@ __all__ = [
     "PRECISIONS", "RECOMPUTE_MODES", "FitReport", "Layout",
     "LayoutDoesNotFitError", "MemoryAssumptions", "MemoryBreakdown", "PeftParams", "RankParams", "StageMemory",
     "activation_bytes_per_layer", "check_fits", "effective_seq_length", "estimate_memory", "explain_fit",
-    "gib", "inflight_layers", "local_kv_heads", "normalize_peft_args", "peft_methods", "peft_rank_params",
+    "gib", "inflight_layers", "normalize_peft_args", "peft_methods", "peft_rank_params",
     "num_microbatches", "padded_vocab_size", "peft_param_breakdown", "peft_trainable_params", "rank_params",
     "state_bytes_per_param",
 ]

@@ -27,7 +27,6 @@ from nemo_adapt.planner.memory import (
     Layout,
     PeftParams,
     effective_seq_length,
-    local_kv_heads,
     num_microbatches,
     padded_vocab_size,
     peft_param_breakdown,
@@ -247,7 +246,7 @@ def estimate_step_time(spec: ModelSpec, layout: Layout, gpu: GPUSpec, gpus_per_n
     if cp > 1:
         # Ring attention passes this rank's K and V around the ring (cp-1) times forward, and K, V, dK,
         # dV backward: 3 x (cp-1) x 2 tensors of s_loc*b*kv_local*d bf16 elements per layer.
-        kv_bytes = 2.0 * s_loc * b * local_kv_heads(spec, t) * spec.kv_channels
+        kv_bytes = 2.0 * s_loc * b * spec.local_kv_heads(t) * spec.kv_channels
         volume = layers_stage * 3 * (cp - 1) * 2 * kv_bytes
         cp_mb = a.cp_comm_exposed * volume / _bandwidth(gpu, gpus_per_node, t * cp, a)
     pp_mb = 0.0

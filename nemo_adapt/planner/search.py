@@ -571,7 +571,7 @@ def model_name_for_recipe(cfg) -> str:
     return named
 
 
-def _peft_args_from_config(peft, source: str) -> tuple[str, dict]:
+def _peft_args_from_config(peft) -> tuple[str, dict]:
     """The method name and arguments to plan with: every field of the recipe's typed `peft` config, so the
     method counts its parameters with exactly the trainer's values (its defaults included)."""
     import dataclasses
@@ -609,7 +609,7 @@ def request_from_config(cfg, *, gpu: str | None = None, nodes: int | None = None
     """
     where = f"{source}: " if source else ""
     model = model_name_for_recipe(cfg)
-    method, peft_args = _peft_args_from_config(cfg.peft, where)
+    method, peft_args = _peft_args_from_config(cfg.peft)
     gpu_name = gpu if gpu is not None else cfg.cluster.gpu
     if gpu_name is None:
         raise ConfigError(f"{where}cluster.gpu is not set (a CPU recipe); pass --gpu to plan it for a GPU type")
